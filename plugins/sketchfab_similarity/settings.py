@@ -1,0 +1,186 @@
+"""All configuration in one place, with documented defaults.
+
+Stage modules take a `Settings` object and never read Airflow themselves, so they
+run and test without Airflow. `settings_from_airflow()` builds one from the
+contract's connections (`sketchfab_api`, `similarity_db`) and Variables
+(`similarity_*`, so `AIRFLOW_VAR_SIMILARITY_*` environment variables work).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import URL
+
+API_CONN_ID = "sketchfab_api"
+DB_CONN_ID = "similarity_db"
+DEFAULT_API_BASE_URL = "https://api.sketchfab.com"
+
+
+def default_thumbnail_store() -> str:
+    """Next to Airflow's own files, so a fresh install works without configuration."""
+    airflow_home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+    return str(Path(airflow_home) / "similarity_thumbnails")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Pipeline configuration. Field docs are the reference for the README's table."""
+
+    db_url: str = ""
+    """SQLAlchemy URL of the Postgres-with-pgvector database (from the `similarity_db` connection)."""
+    api_base_url: str = DEFAULT_API_BASE_URL
+    """Sketchfab API base URL (from the `sketchfab_api` connection's schema/host/port)."""
+    api_token: str | None = field(default=None, repr=False)
+    """Sketchfab API token (the `sketchfab_api` connection's password); optional."""
+    thumbnail_store: str = field(default_factory=default_thumbnail_store)
+    """Variable `similarity_thumbnail_store`: local path or fsspec URL (file://, s3://, ...)."""
+    thumbnail_hosts: tuple[str, ...] = ("media.sketchfab.com",)
+    """Variable `similarity_thumbnail_hosts`: the only hosts thumbnails may be fetched from."""
+    vgg16_weights: str = "imagenet"
+    """Variable `similarity_vgg16_weights`: `imagenet` | path to a weights file | `random`."""
+    input_size: int = 224
+    """Variable `similarity_input_size`: VGG16 input side in pixels (>= 32)."""
+    top_n: int = 20
+    """Variable `similarity_top_n`: rows kept per model in `model_similarity`."""
+    random_seed: int = 0
+    """Variable `similarity_random_seed`: seed used when weights are `random`."""
+    crawl_overlap_minutes: int = 60
+    """Variable `similarity_crawl_overlap_minutes`: re-read window below the watermark."""
+    page_size: int = 24
+    """Models per API page (24 is the API's maximum)."""
+    download_workers: int = 16
+    """Variable `similarity_download_workers`: concurrent thumbnail fetches."""
+    http_timeout_s: float = 20.0
+    """Connect/read timeout for every HTTP request."""
+    max_image_bytes: int = 10_000_000
+    """Thumbnails larger than this are refused while streaming."""
+    max_image_pixels: int = 40_000_000
+    """Thumbnails with more pixels than this are refused before decoding (decompression bombs)."""
+    max_download_attempts: int = 3
+    """A thumbnail that failed for a transient reason is retried on later runs up to this many times."""
+    extract_batch_size: int = 32
+    """Variable `similarity_extract_batch_size`: images per VGG16 forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.input_size < 32:
+            raise ValueError(f"similarity_input_size must be >= 32 (VGG16's minimum), got {self.input_size}")
+        if self.top_n < 1:
+            raise ValueError(f"similarity_top_n must be >= 1, got {self.top_n}")
+        if not self.thumbnail_hosts:
+            raise ValueError("similarity_thumbnail_hosts must name at least one host")
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# Variable name -> Settings field. Values arrive as strings and are converted by field type.
+VARIABLES: dict[str, str] = {
+    "similarity_thumbnail_store": "thumbnail_store",
+    "similarity_thumbnail_hosts": "thumbnail_hosts",
+    "similarity_vgg16_weights": "vgg16_weights",
+    "similarity_input_size": "input_size",
+    "similarity_top_n": "top_n",
+    "similarity_random_seed": "random_seed",
+    "similarity_crawl_overlap_minutes": "crawl_overlap_minutes",
+    "similarity_download_workers": "download_workers",
+    "similarity_extract_batch_size": "extract_batch_size",
+}
+
+# libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).
+_LIBPQ_EXTRAS = {
+    "host", "port", "sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout",
+    "application_name", "options", "target_session_attrs", "keepalives", "keepalives_idle",
+}  # fmt: skip
+
+
+def parse_variable(name: str, raw: str) -> Any:
+    """Convert a Variable's string value to the type of its Settings field, with a clear error."""
+    field_name = VARIABLES[name]
+    default = getattr(Settings(), field_name)
+    raw = raw.strip()
+    if isinstance(default, tuple):
+        return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"Variable {name} must be an integer, got {raw!r}") from None
+    return raw
+
+
+def db_url_from_connection(conn: Any) -> str:
+    """SQLAlchemy URL for an Airflow Postgres connection; Unix-socket hosts come as `?host=/path`."""
+    extras = conn.extra_dejson or {}
+    query = {k: str(v) for k, v in extras.items() if k in _LIBPQ_EXTRAS}
+    url = URL.create(
+        "postgresql+psycopg2",
+        username=conn.login or None,
+        password=conn.password or None,
+        host=conn.host or None,
+        port=conn.port or None,
+        database=conn.schema or None,
+        query=query,
+    )
+    return url.render_as_string(hide_password=False)
+
+
+def api_base_url_from_connection(conn: Any) -> str:
+    """Base URL from an HTTP connection: host may hold a full URL; schema may hold http/https."""
+    host = (conn.host or "").rstrip("/")
+    if not host:
+        return DEFAULT_API_BASE_URL
+    if "://" in host:
+        return host
+    scheme = next(
+        (s for s in (conn.schema, conn.conn_type) if s in ("http", "https")),
+        "https",
+    )
+    port = f":{conn.port}" if conn.port else ""
+    return f"{scheme}://{host}{port}"
+
+
+def settings_from_airflow(**overrides: Any) -> Settings:
+    """Build Settings from the contract's Airflow connections and Variables."""
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.sdk import BaseHook, Variable
+
+    values: dict[str, Any] = {}
+    for name, field_name in VARIABLES.items():
+        raw = Variable.get(name, default=None)
+        if raw is not None and str(raw).strip() != "":
+            values[field_name] = parse_variable(name, str(raw))
+
+    try:
+        db_conn = BaseHook.get_connection(DB_CONN_ID)
+    except AirflowNotFoundException:
+        raise RuntimeError(
+            f"Airflow connection {DB_CONN_ID!r} is not defined: point it at a Postgres with pgvector, "
+            f"e.g. AIRFLOW_CONN_SIMILARITY_DB='postgresql://user:pass@host:5432/db'"
+        ) from None
+    values["db_url"] = db_url_from_connection(db_conn)
+
+    try:
+        api_conn = BaseHook.get_connection(API_CONN_ID)
+    except AirflowNotFoundException:
+        api_conn = None
+    if api_conn is not None:
+        values["api_base_url"] = api_base_url_from_connection(api_conn)
+        values["api_token"] = api_conn.password or None
+
+    return Settings(**values).with_overrides(**overrides)
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """Settings as a loggable dict, secrets masked."""
+    out = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    out["api_token"] = "***" if settings.api_token else None
+    if settings.db_url:
+        parts = urlsplit(settings.db_url)
+        if parts.password:
+            out["db_url"] = settings.db_url.replace(f":{parts.password}@", ":***@")
+    return out

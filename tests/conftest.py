@@ -1,0 +1,67 @@
+"""Shared fixtures: a real embedded Postgres (one server, a fresh database per test) and real HTTP."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import devenv  # noqa: E402
+from sketchfab_similarity import db  # noqa: E402
+from sketchfab_similarity.settings import Settings  # noqa: E402
+
+_db_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """libpq URI of an embedded PostgreSQL with pgvector, started once per test session."""
+    data_dir = tmp_path_factory.mktemp("pg") / "data"
+    uri = devenv.start_postgres(data_dir)
+    yield uri
+    devenv.stop_postgres(data_dir)
+
+
+def socket_dir(uri: str) -> str:
+    return uri.split("host=", 1)[1]
+
+
+@pytest.fixture
+def fresh_db(pg_uri: str) -> str:
+    """SQLAlchemy URL of a new, empty database with the schema applied."""
+    name = f"test_{os.getpid()}_{next(_db_counter)}"
+    conn = psycopg2.connect(dbname="postgres", user="postgres", host=socket_dir(pg_uri))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    url = f"postgresql+psycopg2://postgres@/{name}?host={socket_dir(pg_uri)}"
+    db.apply_schema(url)
+    return url
+
+
+@pytest.fixture
+def make_settings(fresh_db: str, tmp_path: Path):
+    """Settings for a stage test: fresh database, temporary store, small random-weight VGG16."""
+
+    def make(**overrides) -> Settings:
+        values = dict(
+            db_url=fresh_db,
+            thumbnail_store=str(tmp_path / "store"),
+            thumbnail_hosts=("localhost",),
+            vgg16_weights="random",
+            input_size=32,
+            top_n=5,
+            download_workers=4,
+        )
+        values.update(overrides)
+        return Settings(**values)
+
+    return make

