@@ -45,6 +45,15 @@ def test_dag_imports_with_contract_ids_in_order():
     } <= set(dag.params)
 
 
+def test_plugins_folder_loads_without_import_errors(monkeypatch):
+    from airflow import plugins_manager
+
+    monkeypatch.setattr(plugins_manager.settings, "PLUGINS_FOLDER", str(devenv.ROOT / "plugins"))
+    plugins_manager._get_plugins.cache_clear()
+    plugins_manager._get_plugins()
+    assert plugins_manager.get_import_errors() == {}
+
+
 def libpq_uri(db_url: str) -> str:
     url = make_url(db_url)
     return f"postgresql://{url.username}@/{url.database}?host={url.query['host']}"

@@ -28,6 +28,7 @@ from .db import connect
 from .images import RESIZE_MODES, decode_for_model
 from .progress import Progress
 from .settings import Settings
+from .sharding import WHOLE, Shard
 from .thumbnails import ThumbnailStore
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,9 @@ class ExtractResult:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def pending_extractions(db_url: str, version: str, force: bool = False) -> list[PendingImage]:
+def pending_extractions(
+    db_url: str, version: str, force: bool = False, shard: Shard = WHOLE
+) -> list[PendingImage]:
     """Good thumbnails with no vector for this feature version and these exact bytes."""
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
         cur.execute(
@@ -203,7 +206,7 @@ def pending_extractions(db_url: str, version: str, force: bool = False) -> list[
             """,
             {"force": force, "version": version},
         )
-        return [PendingImage(*row) for row in cur.fetchall()]
+        return [PendingImage(*row) for row in cur.fetchall() if shard.contains(row[0])]
 
 
 def mark_unreadable(db_url: str, failures: dict[str, str]) -> None:

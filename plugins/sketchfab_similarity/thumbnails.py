@@ -26,6 +26,7 @@ from .db import connect
 from .images import ImageRejected, open_checked
 from .progress import Progress
 from .settings import Settings
+from .sharding import WHOLE, Shard
 from .sketchfab import build_session
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,9 @@ def download_one(
     return DownloadResult(task.uid, task.url, "ok", content_hash, key, width, height), stored_new
 
 
-def pending_downloads(settings: Settings, limit: int | None = None) -> list[DownloadTask]:
+def pending_downloads(
+    settings: Settings, limit: int | None = None, shard: Shard = WHOLE
+) -> list[DownloadTask]:
     """Models with no good thumbnail, a changed chosen URL, or a transient failure left to retry."""
     with connect(settings.db_url, vectors=False) as conn, conn.cursor() as cur:
         cur.execute(
@@ -197,6 +200,8 @@ def pending_downloads(settings: Settings, limit: int | None = None) -> list[Down
         rows = cur.fetchall()
     tasks = []
     for uid, images, stored_url, status, error, attempts in rows:
+        if not shard.contains(uid):
+            continue
         url = choose_thumbnail(images, settings.input_size)
         if (
             status is None
@@ -246,9 +251,11 @@ def record_results(db_url: str, results: list[DownloadResult]) -> None:
         )
 
 
-def download_thumbnails(settings: Settings, tasks: list[DownloadTask] | None = None) -> DownloadStats:
-    """Download every pending thumbnail concurrently; results are written in batches as they come."""
-    tasks = pending_downloads(settings) if tasks is None else tasks
+def download_thumbnails(
+    settings: Settings, tasks: list[DownloadTask] | None = None, shard: Shard = WHOLE
+) -> DownloadStats:
+    """Download every pending thumbnail (of this shard) concurrently; results are written in batches."""
+    tasks = pending_downloads(settings, shard=shard) if tasks is None else tasks
     stats = DownloadStats(candidates=len(tasks))
     store = ThumbnailStore(settings.thumbnail_store)
     # Thumbnail fetches get no urllib3 status retries: a failed image is recorded and retried next run.
