@@ -260,7 +260,7 @@ def build_keras_extractor(spec: FeatureSpec) -> Any:
             keras.layers.GlobalAveragePooling2D if spec.pooling == "avg" else keras.layers.GlobalMaxPooling2D
         )
         pooled = pool_class(dtype="float32")(base.get_layer(spec.layer).output)
-    return keras.Model(base.inputs, pooled, name=f"vgg16_{spec.layer}_{spec.pooling}")
+    return keras.Model(base.input, pooled, name=f"vgg16_{spec.layer}_{spec.pooling}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def reference_model(spec: FeatureSpec) -> Any:
     import keras
 
     base = load_vgg16(spec)
-    return keras.Model(base.inputs, base.get_layer(spec.layer).output)
+    return keras.Model(base.input, base.get_layer(spec.layer).output)
 
 
 def reference_vectors(paths: Sequence[str | Path], spec: FeatureSpec, model: Any = None) -> np.ndarray:
