@@ -11,6 +11,10 @@ for the same result; its rate is still counted in direct-convolution FLOPs, i.e.
 
     python bench/bench_extract.py            # 224 px, 64 images (about a minute on 2 cores)
     python bench/bench_extract.py --quick    # 112 px, 24 images
+
+On a GPU machine without TensorFlow, the Keras engine runs on JAX or PyTorch:
+
+    KERAS_BACKEND=jax python bench/bench_extract.py --engines keras --images 2048
 """
 
 from __future__ import annotations
