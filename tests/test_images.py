@@ -3,7 +3,15 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from sketchfab_similarity.images import ImageRejected, decode_for_model, open_checked, to_rgb
+from sketchfab_similarity.images import (
+    INTERPOLATIONS,
+    ImageRejected,
+    decode_for_model,
+    open_checked,
+    open_reduced,
+    resize_for_model,
+    to_rgb,
+)
 from sketchfab_similarity.thumbnails import choose_thumbnail
 
 
@@ -63,3 +71,56 @@ def test_choose_thumbnail_smallest_big_enough_else_largest():
     assert choose_thumbnail(images, 100) == "b"
     assert choose_thumbnail(images, 2000) == "a"
     assert choose_thumbnail([], 224) is None
+
+
+def photo_like(width, height):
+    """Smooth noise upscaled: JPEG-friendly, with detail at every scale."""
+    small = np.random.default_rng(1).integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("mode", ["squash", "center_crop"])
+@pytest.mark.parametrize("interpolation", sorted(INTERPOLATIONS))
+def test_resize_is_pixel_for_pixel_load_img(tmp_path, mode, interpolation):
+    import keras
+
+    for size in [(720, 405), (405, 720), (333, 333)]:
+        path = tmp_path / f"{size}.png"
+        photo_like(*size).save(path)
+        expected = keras.utils.load_img(
+            path, target_size=(96, 96), interpolation=interpolation, keep_aspect_ratio=mode == "center_crop"
+        )
+        got = resize_for_model(Image.open(path).convert("RGB"), 96, mode, interpolation)
+        assert np.array_equal(np.asarray(got), np.asarray(expected)), size
+
+
+def test_reduced_decoding_keeps_three_times_the_input_size():
+    big = encode(photo_like(2688, 1512))
+    assert open_reduced(big, 224, 10**8).size == (1344, 756)  # 1/2: both sides still >= 3 x 224
+    assert open_reduced(big, 96, 10**8).size == (672, 378)  # 1/4
+    assert open_reduced(big, 512, 10**8).size == (2688, 1512)  # no room: full decode
+    png = encode(photo_like(2688, 1512), "PNG")
+    assert open_reduced(png, 96, 10**8).size == (2688, 1512)  # only JPEG has a reduced decoder
+
+
+def test_reduced_decoding_refuses_what_full_decoding_refuses():
+    big = encode(photo_like(1600, 900))
+    with pytest.raises(ImageRejected, match="empty"):
+        open_reduced(b"", 64, 10**8)
+    with pytest.raises(ImageRejected, match="not a decodable image"):
+        open_reduced(b"<html>oops</html>", 64, 10**8)
+    with pytest.raises(ImageRejected, match="truncated or corrupt"):
+        open_reduced(big[: len(big) // 2], 64, 10**8)
+    with pytest.raises(ImageRejected, match="over the 1000 cap"):
+        open_reduced(big, 64, 1000)
+
+
+def test_decode_modes_and_nearest_decodes_in_full():
+    data = encode(photo_like(1600, 900))
+    full = decode_for_model(data, 64, interpolation="nearest", jpeg_decode="full")
+    assert np.array_equal(decode_for_model(data, 64, interpolation="nearest", jpeg_decode="reduced"), full)
+    reduced = decode_for_model(data, 64)
+    assert not np.array_equal(reduced, decode_for_model(data, 64, jpeg_decode="full"))
+    assert np.abs(reduced - decode_for_model(data, 64, jpeg_decode="full")).mean() < 2.0
+    with pytest.raises(ValueError, match="jpeg_decode must be one of"):
+        decode_for_model(data, 64, jpeg_decode="fast")

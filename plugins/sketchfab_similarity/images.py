@@ -49,23 +49,93 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def resize_for_model(img: Image.Image, size: int, mode: str = "squash") -> Image.Image:
-    """`squash` is the original post's behaviour (whole 16:9 frame to a square); `center_crop` keeps aspect."""
-    if mode == "center_crop":
-        return ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
-    if mode != "squash":
+# Names and filters exactly as keras.utils.load_img takes them, so both paths can be set alike.
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "hamming": Image.Resampling.HAMMING,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+JPEG_DECODES = ("reduced", "full")
+# Reduced JPEG decoding stops at >= REDUCING_GAP x the input size, so the final resize still
+# filters; Pillow documents a gap of 3 as indistinguishable from full decoding in most cases.
+# On the test photographs a gap of 2 fell to cosine 0.988 against full decoding at 64 px inputs;
+# 3 stays >= 0.99 at every size tested. Nearest samples single pixels, so it always decodes in full.
+REDUCING_GAP = 3
+
+
+def effective_jpeg_decode(interpolation: str, jpeg_decode: str) -> str:
+    """`reduced` is only exact enough when the resize filters; with `nearest` we decode in full."""
+    return "full" if interpolation == "nearest" else jpeg_decode
+
+
+def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The largest centred square, with load_img(keep_aspect_ratio=True)'s integer arithmetic."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def resize_for_model(
+    img: Image.Image, size: int, mode: str = "squash", interpolation: str = "bilinear"
+) -> Image.Image:
+    """`squash` is the original post's behaviour (whole 16:9 frame to a square); `center_crop` keeps aspect.
+
+    Pixel for pixel what keras.utils.load_img(target_size=(size, size), interpolation=...,
+    keep_aspect_ratio=mode == "center_crop") does after decoding.
+    """
+    if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
-    return img.resize((size, size), Image.Resampling.BILINEAR)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {interpolation!r}")
+    if img.size == (size, size):
+        return img
+    box = center_crop_box(*img.size) if mode == "center_crop" else None
+    return img.resize((size, size), INTERPOLATIONS[interpolation], box=box)
+
+
+def open_reduced(data: bytes, size: int, max_pixels: int) -> Image.Image:
+    """Like open_checked, but a JPEG is decoded in the DCT domain at 1/2, 1/4 or 1/8 scale while
+    both sides stay >= REDUCING_GAP x size: the decoder averages instead of the resize, and it is faster."""
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"decompression bomb: {exc}") from None
+    except Exception as exc:
+        raise ImageRejected(f"not a decodable image: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageRejected(f"image is {width}x{height} = {width * height} pixels, over the {max_pixels} cap")
+    if img.format == "JPEG":
+        img.draft(None, (REDUCING_GAP * size, REDUCING_GAP * size))
+    try:
+        img.load()
+    except Exception as exc:
+        raise ImageRejected(f"truncated or corrupt image: {exc}") from None
+    return img
 
 
 def decode_for_model(
-    data: bytes, size: int, mode: str = "squash", max_pixels: int = 40_000_000
+    data: bytes,
+    size: int,
+    mode: str = "squash",
+    interpolation: str = "bilinear",
+    jpeg_decode: str = "reduced",
+    max_pixels: int = 40_000_000,
 ) -> np.ndarray:
-    """Bytes -> float32 RGB array (size, size, 3) in 0..255, ready for VGG16 preprocessing."""
-    img = open_checked(data, max_pixels)
-    if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
-        # Reopen with JPEG DCT-domain downscaling: exact enough and several times faster.
-        img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (size, size))
-    rgb = to_rgb(img)
-    return np.asarray(resize_for_model(rgb, size, mode), dtype=np.float32)
+    """Bytes -> float32 RGB array (size, size, 3) in 0..255, ready for VGG16 preprocessing.
+
+    jpeg_decode="full" decodes every pixel, so with the same mode and interpolation the
+    result equals keras.utils.load_img's for upright opaque images; "reduced" is the fast path.
+    """
+    if jpeg_decode not in JPEG_DECODES:
+        raise ValueError(f"jpeg_decode must be one of {JPEG_DECODES}, got {jpeg_decode!r}")
+    if effective_jpeg_decode(interpolation, jpeg_decode) == "reduced":
+        img = open_reduced(data, size, max_pixels)
+    else:
+        img = open_checked(data, max_pixels)
+    return np.asarray(resize_for_model(to_rgb(img), size, mode, interpolation), dtype=np.float32)

@@ -64,7 +64,37 @@ class Settings:
     max_download_attempts: int = 3
     """A thumbnail that failed for a transient reason is retried on later runs up to this many times."""
     extract_batch_size: int = 32
-    """Variable `similarity_extract_batch_size`: images per VGG16 forward pass."""
+    """Variable `similarity_extract_batch_size`: images per forward pass on the CPU."""
+    gpu_batch_size: int = 256
+    """Variable `similarity_gpu_batch_size`: images per forward pass when a GPU is used."""
+    feature_layer: str = "block5_pool"
+    """Variable `similarity_feature_layer`: VGG16 layer whose output is pooled (any 512-channel
+    layer, block4_conv1 .. block5_pool). Part of the feature version."""
+    feature_pooling: str = "avg"
+    """Variable `similarity_feature_pooling`: global `avg` or `max` pooling. Part of the feature version."""
+    resize_mode: str = "squash"
+    """Variable `similarity_resize_mode`: `squash` (whole frame to a square, as the original post)
+    or `center_crop` (keeps aspect). Part of the feature version."""
+    resize_interpolation: str = "bilinear"
+    """Variable `similarity_resize_interpolation`: nearest | bilinear | bicubic | hamming | box |
+    lanczos, as keras.utils.load_img names them (its default is nearest). Part of the feature version."""
+    jpeg_decode: str = "reduced"
+    """Variable `similarity_jpeg_decode`: `reduced` decodes JPEGs at 1/2..1/8 scale when still
+    >= the input size (fast); `full` decodes every pixel. Part of the feature version."""
+    extract_precision: str = "float32"
+    """Variable `similarity_extract_precision`: float32 | mixed_float16 | mixed_bfloat16 (meant for
+    GPUs; runs through Keras wherever the task lands). Part of the feature version."""
+    extract_engine: str = "auto"
+    """Variable `similarity_extract_engine`: auto (Keras on a GPU, ncnn's Winograd kernels on a
+    CPU) | keras | ncnn. Engines agree within 1e-4, so this is not part of the feature version."""
+    decode_workers: int = 0
+    """Variable `similarity_decode_workers`: threads decoding images while the model runs (0 = one per core)."""
+    gpu_pool: str = "default_pool"
+    """Variable `similarity_gpu_pool`: Airflow pool of the extract_features task (e.g. `gpu`, sized
+    to the number of GPUs); `default_pool` keeps it with the other tasks."""
+    gpu_queue: str = "default"
+    """Variable `similarity_gpu_queue`: executor queue of the extract_features task, so Celery or
+    Kubernetes executors can send it to GPU workers (e.g. `gpu`)."""
 
     def __post_init__(self) -> None:
         if self.input_size < 32:
@@ -73,6 +103,10 @@ class Settings:
             raise ValueError(f"similarity_top_n must be >= 1, got {self.top_n}")
         if not self.thumbnail_hosts:
             raise ValueError("similarity_thumbnail_hosts must name at least one host")
+        if self.extract_batch_size < 1 or self.gpu_batch_size < 1:
+            raise ValueError("similarity_extract_batch_size and similarity_gpu_batch_size must be >= 1")
+        if self.decode_workers < 0:
+            raise ValueError(f"similarity_decode_workers must be >= 0, got {self.decode_workers}")
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -89,6 +123,17 @@ VARIABLES: dict[str, str] = {
     "similarity_crawl_overlap_minutes": "crawl_overlap_minutes",
     "similarity_download_workers": "download_workers",
     "similarity_extract_batch_size": "extract_batch_size",
+    "similarity_gpu_batch_size": "gpu_batch_size",
+    "similarity_feature_layer": "feature_layer",
+    "similarity_feature_pooling": "feature_pooling",
+    "similarity_resize_mode": "resize_mode",
+    "similarity_resize_interpolation": "resize_interpolation",
+    "similarity_jpeg_decode": "jpeg_decode",
+    "similarity_extract_precision": "extract_precision",
+    "similarity_extract_engine": "extract_engine",
+    "similarity_decode_workers": "decode_workers",
+    "similarity_gpu_pool": "gpu_pool",
+    "similarity_gpu_queue": "gpu_queue",
 }
 
 # libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import crawl, db, features, similarity, thumbnails, vectors
 from .settings import Settings, describe, settings_from_airflow
+from .sharding import WHOLE, Shard
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,13 @@ def download_thumbnails(context: dict[str, Any]) -> dict[str, Any]:
     return asdict(thumbnails.download_thumbnails(settings_for(context)))
 
 
-def extract_features(context: dict[str, Any]) -> dict[str, Any]:
+def extract_features(context: dict[str, Any], shard: Shard = WHOLE) -> dict[str, Any]:
+    """One shard of the pending thumbnails (mapped tasks each take one); route it with
+    Settings.gpu_pool / gpu_queue where GPU workers exist."""
     params = context.get("params") or {}
-    result = features.extract_features(settings_for(context), force=bool(params.get("force_reextract")))
+    result = features.extract_features(
+        settings_for(context), force=bool(params.get("force_reextract")), shard=shard
+    )
     return asdict(result)
 
 
