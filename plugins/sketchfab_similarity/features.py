@@ -311,12 +311,12 @@ def write_feature_file(store: ThumbnailStore, key: str, version: str, items: Seq
 
 
 def extract_features(
-    settings: Settings, force: bool = False, spec: FeatureSpec | None = None
+    settings: Settings, force: bool = False, spec: FeatureSpec | None = None, shard: Shard = WHOLE
 ) -> ExtractResult:
-    """Extract vectors for every pending thumbnail; returns the feature files to load."""
+    """Extract vectors for every pending thumbnail (of this shard); returns the feature files to load."""
     spec = spec or FeatureSpec.from_settings(settings)
     result = ExtractResult(feature_version=spec.version)
-    pending = pending_extractions(settings.db_url, spec.version, force)
+    pending = pending_extractions(settings.db_url, spec.version, force, shard=shard)
     log.info("feature version %s: %d thumbnails to extract", spec.version, len(pending))
     if not pending:
         return result
