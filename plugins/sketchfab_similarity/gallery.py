@@ -32,6 +32,13 @@ from .thumbnails import ThumbnailStore
 UID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_QUERY_CHARS = 200
 SEARCH_LIMIT = 48
+STAGE_ORDER = (
+    "crawl_models",
+    "download_thumbnails",
+    "extract_features",
+    "load_vectors",
+    "refresh_similarity",
+)
 DEFAULT_K = 10
 MAX_K = 100
 SECURITY_HEADERS = {
@@ -173,11 +180,20 @@ def overview(db_url: str) -> Overview:
     totals = rows[0][0]
     runs = _query(
         db_url,
-        "SELECT row_to_json(r) FROM (SELECT dag_id, run_id, run_type, data_interval_start, data_interval_end, "
-        "feature_version, counts, finished_at FROM pipeline_runs ORDER BY finished_at DESC LIMIT 1) r",
+        """
+        SELECT row_to_json(r) FROM (
+            SELECT dag_id, run_id, run_type, feature_version, counts,
+                   to_char(data_interval_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI "UTC"') AS data_interval_start,
+                   to_char(data_interval_end AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI "UTC"') AS data_interval_end,
+                   to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"') AS finished_at
+            FROM pipeline_runs ORDER BY pipeline_runs.finished_at DESC LIMIT 1
+        ) r
+        """,
     )
     latest = runs[0][0] if runs else None
-    stages = list((latest or {}).get("counts", {}).items())
+    counts = (latest or {}).get("counts", {})
+    order = {stage: i for i, stage in enumerate(STAGE_ORDER)}
+    stages = sorted(counts.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
     return Overview(totals=totals, latest_run=latest, stages=stages)
 
 
@@ -267,11 +283,12 @@ TEMPLATES = {
 {% block main %}
 {% if error %}<p class="error">{{ error }}</p>{% endif %}
 {% if overview %}
-<h1>Latest run</h1>
+<h1>Overview</h1>
 <div class="stats">
 {% for label, key in stat_fields %}<div class="stat"><b>{{ overview.totals[key] if overview.totals[key] is not none else '—' }}</b><small>{{ label }}</small></div>{% endfor %}
 </div>
 <p class="muted">Feature version: <code>{{ overview.totals.feature_version or 'none yet' }}</code></p>
+<h2>Latest run</h2>
 {% if overview.latest_run %}{% set run = overview.latest_run %}
 <p class="muted">Run <code>{{ run.run_id }}</code> ({{ run.run_type }}) finished {{ run.finished_at }}
 {%- if run.data_interval_start %}; data interval {{ run.data_interval_start }} to {{ run.data_interval_end }}{% endif %}.</p>
