@@ -36,10 +36,20 @@ def settings_for(context: dict[str, Any]) -> Settings:
 def timetable(settings: Settings) -> Any:
     """Cron data intervals, so each scheduled or backfill run owns [start, end) with no gaps."""
     from airflow.sdk import CronDataIntervalTimetable
+    from airflow.sdk.exceptions import AirflowTimetableInvalid
 
-    if settings.schedule.strip().lower() in ("", "none"):
+    schedule = settings.schedule.strip()
+    if schedule.lower() in ("", "none"):
         return None
-    return CronDataIntervalTimetable(settings.schedule.strip(), timezone="UTC")
+    timetable = CronDataIntervalTimetable(schedule, timezone="UTC")
+    try:
+        timetable.validate()
+    except AirflowTimetableInvalid as exc:  # the cron parser's message does not name the Variable
+        raise ValueError(
+            f"Variable similarity_schedule {schedule!r} is not a cron expression or preset "
+            f"(@hourly, @daily, '0 */6 * * *', or none): {exc}"
+        ) from None
+    return timetable
 
 
 def check_conf(context: dict[str, Any]) -> None:
