@@ -189,6 +189,15 @@ def test_params_have_titles_and_descriptions_for_the_trigger_form():
         assert schema.get("title") and len(params.get_param(name).description or "") > 20, name
 
 
+def test_readme_documents_every_variable_and_param():
+    from sketchfab_similarity.settings import VARIABLES
+
+    rows = [line for line in (devenv.ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
+    documented = {line.split("`")[1] for line in rows}
+    assert set(VARIABLES) - documented == set(), "Variables missing from the README's Configuration"
+    assert PARAMS - documented == set(), "params missing from the README's parameter table"
+
+
 def test_plugins_folder_loads_without_import_errors(monkeypatch):
     from airflow import plugins_manager
 

@@ -23,7 +23,9 @@ from fake_sketchfab import Catalog, start_server
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", type=int, default=200, help="size of the demo catalog (default 200)")
     parser.add_argument("--weights", default=os.environ.get("AIRFLOW_VAR_SIMILARITY_VGG16_WEIGHTS", "random"))
     parser.add_argument(
@@ -33,9 +35,12 @@ def main() -> None:
     parser.add_argument("--airflow-home", type=Path, default=devenv.ROOT / ".airflow")
     parser.add_argument("--db-uri", help="libpq URI of the similarity database (default: embedded, .pgdata/)")
     parser.add_argument(
-        "--sketchfab-url", help="use this Sketchfab-compatible API instead of starting the bundled demo server"
+        "--sketchfab-url",
+        help="use this Sketchfab-compatible API instead of starting the bundled demo server",
     )
-    parser.add_argument("--thumbnail-hosts", default="localhost", help="with --sketchfab-url: allowed media hosts")
+    parser.add_argument(
+        "--thumbnail-hosts", default="localhost", help="with --sketchfab-url: allowed media hosts"
+    )
     parser.add_argument("--thumbnails", type=Path, default=devenv.ROOT / "data" / "demo" / "thumbnails")
     args = parser.parse_args()
 
