@@ -23,7 +23,8 @@ $(STAMP): requirements.txt constraints.txt
 demo: setup
 	$(PY) tools/demo.py
 
-## Every test (unit and integration: embedded Postgres, loopback HTTP, TensorFlow, Airflow).
+## Every test (unit and integration: embedded Postgres, loopback HTTP, TensorFlow, Airflow,
+## headless Chromium when installed; REQUIRE_BROWSER=1 makes a missing browser an error).
 test: setup
 	$(PY) -m pytest
 
@@ -32,6 +33,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not integration"
 
 ## The Airflow UI (airflow standalone) on the embedded defaults, DAG ready to trigger.
+## Sign in as admin; the password is in .airflow/simple_auth_manager_passwords.json.generated.
 airflow: setup
 	$(PY) tools/standalone.py
 
@@ -66,4 +68,4 @@ lock:
 	 /tmp/sketchfab-lock/bin/pip freeze) > constraints.txt
 
 clean: stop-db
-	rm -rf $(VENV) .airflow data .pytest_cache .ruff_cache
+	rm -rf $(VENV) .airflow data .pytest_cache .ruff_cache test-artifacts

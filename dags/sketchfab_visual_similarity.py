@@ -1,10 +1,23 @@
 """
 ### Sketchfab visual similarity
 
-Crawls new Sketchfab models, downloads their thumbnails, extracts truncated-VGG16
-features, loads them into Postgres/pgvector and refreshes the materialised
-top-N table `model_similarity`. Ask for recommendations with
-`SELECT * FROM similar_models('<uid>', 10);`.
+Keeps the table `model_similarity` ("models that look like this one") up to date:
+crawls new Sketchfab models, downloads their thumbnails, extracts truncated-VGG16
+features, loads them into Postgres/pgvector and refreshes the exact top-N.
+Ask for recommendations with `SELECT * FROM similar_models('<uid>', 10);` or open
+the **Similarity gallery** from the navigation bar.
+
+**Runs.** Scheduled runs (Variable `similarity_schedule`, default daily, no catchup)
+and manual runs take every model published since the last crawl. Backfill runs
+(`airflow backfill create --dag-id sketchfab_visual_similarity --from-date ...
+--to-date ...`, or the UI's backfill dialog) take exactly the models published in
+their data interval. One run works at a time: `max_active_runs=1` covers scheduled
+and manual runs, and `start_run` makes backfill runs wait their turn too.
+
+**Scale-out.** Downloads and extraction are mapped over uid shards sized by the
+Variables `similarity_download_shard_size` and `similarity_extract_shard_size`;
+extraction runs in the `gpu` pool on the `gpu` queue (`similarity_gpu_pool`,
+`similarity_gpu_queue`). On success the Asset `sketchfab_model_similarity` is updated.
 
 This file only wires tasks; the work lives in `plugins/sketchfab_similarity/`.
 """
@@ -14,72 +27,197 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
 from sketchfab_similarity import tasks
+from sketchfab_similarity.settings import dag_settings
 
 DAG_ID = "sketchfab_visual_similarity"
+SETTINGS = dag_settings()
+
+SIMILARITY_TABLE = Asset(
+    name="sketchfab_model_similarity",
+    group="sketchfab",
+    extra={"connection": "similarity_db", "table": "model_similarity"},
+)
+
+# Sketchfab slugs: lowercase letters and digits, words joined by hyphens (tags also allow underscores).
+CATEGORY_SLUG = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+TAG_SLUG = r"^[a-z0-9][a-z0-9_-]*$"
+
+PARAMS = {
+    "max_models": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        maximum=10_000_000,
+        title="Max models",
+        description="Stop the crawl after this many models (1 to 10,000,000). Empty: no limit.",
+    ),
+    "categories": Param(
+        None,
+        type=["null", "string"],
+        pattern=CATEGORY_SLUG,
+        maxLength=100,
+        title="Category",
+        description="Only crawl models in this Sketchfab category, by slug, e.g. cars-vehicles. Empty: all.",
+    ),
+    "tags": Param(
+        [],
+        type="array",
+        items={"type": "string", "pattern": TAG_SLUG, "maxLength": 100},
+        maxItems=20,
+        uniqueItems=True,
+        title="Tags",
+        description="Only crawl models that have all of these tags, by slug, e.g. lowpoly (at most 20).",
+    ),
+    "min_likes": Param(
+        0,
+        type="integer",
+        minimum=0,
+        maximum=2_147_483_647,
+        title="Minimum likes",
+        description="Skip models with fewer likes than this (0: keep all).",
+    ),
+    "top_n": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        maximum=1000,
+        title="Top N",
+        description="Neighbours kept per model (1 to 1000). Empty: the Variable similarity_top_n (default 20).",
+    ),
+    "force_reextract": Param(
+        False,
+        type="boolean",
+        title="Force re-extraction",
+        description="Recompute every vector, not only new or changed thumbnails.",
+    ),
+    "full_refresh": Param(
+        False,
+        type="boolean",
+        title="Full refresh",
+        description="Rebuild the whole top-N table instead of updating it incrementally.",
+    ),
+}
 
 
 @dag(
     dag_id=DAG_ID,
-    schedule="@daily",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
+    schedule=tasks.timetable(SETTINGS),
+    start_date=pendulum.datetime(2012, 1, 1, tz="UTC"),
+    catchup=SETTINGS.catchup,
     max_active_runs=1,
     doc_md=__doc__,
     tags=["sketchfab", "recommendations", "pgvector"],
     default_args={
-        "retries": 2,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": True,
+        "retries": SETTINGS.task_retries,
+        "retry_delay": timedelta(seconds=SETTINGS.retry_delay_s),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(seconds=SETTINGS.max_retry_delay_s),
+        "execution_timeout": timedelta(minutes=SETTINGS.task_timeout_minutes),
     },
-    params={
-        "max_models": Param(
-            None, type=["null", "integer"], minimum=1, description="Stop the crawl after this many models."
-        ),
-        "categories": Param(
-            None, type=["null", "string"], description="Only crawl models in this category (slug)."
-        ),
-        "tags": Param(
-            [], type="array", items={"type": "string"}, description="Only models with all these tags."
-        ),
-        "min_likes": Param(0, type="integer", minimum=0, description="Skip models with fewer likes."),
-        "top_n": Param(
-            None, type=["null", "integer"], minimum=1, maximum=1000, description="Neighbours kept per model."
-        ),
-        "force_reextract": Param(False, type="boolean", description="Recompute every vector."),
-        "full_refresh": Param(False, type="boolean", description="Rebuild the whole top-N table."),
-    },
+    params=PARAMS,
 )
 def sketchfab_visual_similarity():
+    @task.sensor(
+        mode="reschedule",
+        poke_interval=SETTINGS.run_wait_poke_s,
+        timeout=timedelta(hours=SETTINGS.run_wait_timeout_hours),
+    )
+    def start_run() -> bool:
+        """Fails at once on unknown conf keys. Then waits, without holding a worker slot, until
+        no other run of this pipeline is active (backfill runs included), takes the run
+        lease and applies the SQL schema."""
+        return tasks.start_run(get_current_context())
+
     @task
     def crawl_models() -> dict:
-        """Page the Sketchfab API newest-first and upsert models into `sketchfab_models`."""
+        """Pages the Sketchfab API newest-first and upserts models into `sketchfab_models`;
+        records that cannot be accepted go to `crawl_rejects` with the reason. A backfill
+        run takes exactly its data interval, other runs everything since the watermark."""
         return tasks.crawl_models(get_current_context())
 
     @task
-    def download_thumbnails() -> dict:
-        """Fetch, validate and store one thumbnail per model; record `ok` or `failed` with the reason."""
-        return tasks.download_thumbnails(get_current_context())
+    def plan_downloads() -> list[dict]:
+        """Counts pending thumbnails and splits them into uid shards for `download_thumbnails`."""
+        return tasks.plan_downloads(get_current_context())
+
+    @task(
+        map_index_template="{{ shard_label }}",
+        doc_md="One uid shard: fetches, validates and stores each pending thumbnail and records "
+        "`ok` or `failed` with the reason in `model_thumbnails`. A bad image never fails the task.",
+    )
+    def download_thumbnails(shard: dict) -> dict:
+        context = get_current_context()
+        context["shard_label"] = f"shard {shard['index'] + 1} of {shard['count']}"
+        return tasks.download_thumbnails(context, shard)
 
     @task
-    def extract_features() -> dict:
-        """Truncated VGG16 (block5_pool, global average pooling, L2-normalised) for new thumbnails."""
-        return tasks.extract_features(get_current_context())
+    def plan_extraction() -> list[dict]:
+        """Counts thumbnails without a current vector and splits them into uid shards."""
+        return tasks.plan_extraction(get_current_context())
+
+    @task(
+        pool=SETTINGS.gpu_pool,
+        queue=SETTINGS.gpu_queue,
+        map_index_template="{{ shard_label }}",
+        doc_md="One uid shard: truncated VGG16 (block5_pool, global average pooling, L2-normalised) "
+        "for thumbnails without a current vector; writes feature files for `load_vectors`. Runs in "
+        "the GPU pool on the GPU queue (on the CPU where there is no GPU).",
+    )
+    def extract_features(shard: dict) -> dict:
+        context = get_current_context()
+        context["shard_label"] = f"shard {shard['index'] + 1} of {shard['count']}"
+        return tasks.extract_features(context, shard)
 
     @task
-    def load_vectors(extracted: dict) -> dict:
-        """Bulk-load the feature files into `model_embeddings` (pgvector)."""
-        return tasks.load_vectors(get_current_context(), extracted)
+    def load_vectors(extracted: list[dict]) -> dict:
+        """Bulk-loads the feature files of every extraction shard into `model_embeddings`."""
+        return tasks.load_vectors(get_current_context(), tasks.merge_extracted(extracted))
 
     @task
+    def summarize_run(
+        crawled: dict, downloaded: list[dict], extracted: list[dict], loaded: dict, refreshed: dict
+    ) -> dict:
+        """Logs and returns the run's counts, records them in `pipeline_runs`, releases the run lease."""
+        return tasks.summarize_run(
+            get_current_context(),
+            {
+                "crawl_models": crawled,
+                "download_thumbnails": downloaded,
+                "extract_features": extracted,
+                "load_vectors": loaded,
+                "refresh_similarity": refreshed,
+            },
+        )
+
+    crawled = crawl_models()
+    start_run() >> crawled
+    download_plan = plan_downloads()
+    crawled >> download_plan
+    downloaded = download_thumbnails.expand(shard=download_plan)
+    extract_plan = plan_extraction()
+    downloaded >> extract_plan
+    extracted = extract_features.expand(shard=extract_plan)
+    loaded = load_vectors(extracted)
+
+    # --- refresh_similarity: the step that writes model_similarity -------------------------
+    @task(outlets=[SIMILARITY_TABLE])
     def refresh_similarity() -> dict:
-        """Recompute the exact top-N table `model_similarity` and publish it atomically."""
-        return tasks.refresh_similarity(get_current_context())
+        """Brings the exact top-N table `model_similarity` up to date and publishes it
+        atomically; then updates the Asset `sketchfab_model_similarity`."""
+        context = get_current_context()
+        result = tasks.refresh_similarity(context)
+        context["outlet_events"][SIMILARITY_TABLE].extra = {
+            k: v for k, v in result.items() if isinstance(v, str | int | float | bool)
+        }
+        return result
 
-    extracted = extract_features()
-    crawl_models() >> download_thumbnails() >> extracted
-    load_vectors(extracted) >> refresh_similarity()
+    refreshed = refresh_similarity()
+    loaded >> refreshed
+    # --- end of refresh_similarity -----------------------------------------------------------
+
+    summarize_run(crawled, downloaded, extracted, loaded, refreshed)
 
 
 sketchfab_visual_similarity()

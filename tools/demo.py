@@ -14,7 +14,7 @@ from pathlib import Path
 
 import devenv
 from fake_sketchfab import Catalog, start_server
-from sketchfab_similarity.gallery import render_html, sample_models, similar_models, stored_paths
+from sketchfab_similarity.gallery import recent_models, render_html, similar_models, stored_paths
 from sketchfab_similarity.thumbnails import ThumbnailStore
 
 ROOT = devenv.ROOT
@@ -68,7 +68,7 @@ def main() -> None:
         devenv.run_dag_once(env)
 
     db_url = devenv.sqlalchemy_url(db_uri)
-    queries = [(card, similar_models(db_url, card.uid, 5)) for card in sample_models(db_url, 12)]
+    queries = [(card, similar_models(db_url, card.uid, 5)) for card in recent_models(db_url, 12)]
     if not queries:
         sys.exit("No recommendations were produced; see the task logs above.")
     for card, recs in queries[: args.show]:

@@ -75,6 +75,8 @@ def airflow_env(
                 os.pathsep
             ),
             "TF_CPP_MIN_LOG_LEVEL": "2",
+            # `airflow standalone` starts its components as `airflow ...` from PATH.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         }
     )
     env.update(extra or {})
@@ -87,8 +89,18 @@ def airflow(args: list[str], env: dict[str, str], check: bool = True) -> subproc
 
 
 def migrate_metadata(env: dict[str, str]) -> None:
-    """Create or upgrade Airflow's SQLite metadata database (idempotent)."""
+    """Create or upgrade Airflow's SQLite metadata database and the pipeline's pool (idempotent)."""
     airflow(["db", "migrate"], env)
+    create_pools(env)
+
+
+def create_pools(env: dict[str, str]) -> None:
+    """The pool extraction runs in; without it the scheduler never starts `extract_features`.
+
+    One slot: on a machine without GPUs one extraction task already uses every core.
+    """
+    pool = env.get("AIRFLOW_VAR_SIMILARITY_GPU_POOL", "gpu")
+    airflow(["pools", "set", pool, "1", "Feature extraction: one slot per GPU (or one for the CPU)"], env)
 
 
 def run_dag_once(env: dict[str, str], conf: str | None = None) -> None:

@@ -1,8 +1,11 @@
-"""`make airflow`: the Airflow UI (`airflow standalone`) on the embedded defaults.
+"""`make airflow`: the Airflow UI (`airflow standalone`) on the embedded defaults, DAG ready to trigger.
 
-Starts the embedded Postgres and the bundled Sketchfab-compatible server, then
-runs `airflow standalone` with the connections and Variables pointing at them.
-Airflow prints the UI address and the generated admin password; it is also in
+Starts the embedded Postgres and the bundled Sketchfab-compatible server, then runs
+`airflow standalone` (api-server, scheduler, dag-processor, triggerer; LocalExecutor,
+SQLite metadata in `.airflow/`) with the connections and Variables pointing at them.
+The DAG starts unpaused, so its first scheduled run begins right away.
+
+Sign in as `admin`; the generated password is printed when Airflow is ready and kept in
 `.airflow/simple_auth_manager_passwords.json.generated`.
 """
 
@@ -20,29 +23,57 @@ from fake_sketchfab import Catalog, start_server
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", type=int, default=200)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", type=int, default=200, help="size of the demo catalog (default 200)")
     parser.add_argument("--weights", default=os.environ.get("AIRFLOW_VAR_SIMILARITY_VGG16_WEIGHTS", "random"))
     parser.add_argument(
         "--input-size", type=int, default=int(os.environ.get("AIRFLOW_VAR_SIMILARITY_INPUT_SIZE", 224))
     )
-    parser.add_argument("--port", type=int, default=8080, help="Airflow UI port")
+    parser.add_argument("--port", type=int, default=8080, help="Airflow UI port (default 8080)")
+    parser.add_argument("--airflow-home", type=Path, default=devenv.ROOT / ".airflow")
+    parser.add_argument("--db-uri", help="libpq URI of the similarity database (default: embedded, .pgdata/)")
+    parser.add_argument(
+        "--sketchfab-url",
+        help="use this Sketchfab-compatible API instead of starting the bundled demo server",
+    )
+    parser.add_argument(
+        "--thumbnail-hosts", default="localhost", help="with --sketchfab-url: allowed media hosts"
+    )
+    parser.add_argument("--thumbnails", type=Path, default=devenv.ROOT / "data" / "demo" / "thumbnails")
     args = parser.parse_args()
 
-    db_uri = devenv.start_postgres(devenv.ROOT / ".pgdata")
-    with start_server(Catalog.generate(args.models)) as server:
+    db_uri = args.db_uri or devenv.start_postgres(devenv.ROOT / ".pgdata")
+    with contextlib.ExitStack() as stack:
+        if args.sketchfab_url:
+            api_base_url, media_host = args.sketchfab_url, args.thumbnail_hosts
+        else:
+            server = stack.enter_context(start_server(Catalog.generate(args.models)))
+            api_base_url, media_host = server.api_base_url, server.media_host
+            print(f"Sketchfab-compatible demo server: {api_base_url} ({args.models} models)", flush=True)
         env = devenv.airflow_env(
-            airflow_home=devenv.ROOT / ".airflow",
+            airflow_home=args.airflow_home,
             db_uri=db_uri,
-            api_base_url=server.api_base_url,
-            thumbnail_store=devenv.ROOT / "data" / "demo" / "thumbnails",
-            thumbnail_hosts=server.media_host,
+            api_base_url=api_base_url,
+            thumbnail_store=args.thumbnails,
+            thumbnail_hosts=media_host,
             weights=args.weights,
             input_size=args.input_size,
-            extra={"AIRFLOW__API__PORT": str(args.port)},
+            extra={
+                "AIRFLOW__API__PORT": str(args.port),
+                "AIRFLOW__API__BASE_URL": f"http://localhost:{args.port}",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{args.port}/execution/",
+                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            },
         )
+        devenv.migrate_metadata(env)
+        passwords = args.airflow_home / "simple_auth_manager_passwords.json.generated"
         print(
-            f"Sketchfab-compatible demo server: {server.api_base_url}; Airflow UI on http://localhost:{args.port}"
+            f"Airflow UI: http://localhost:{args.port} (user admin; password printed when ready, "
+            f"and kept in {passwords})\n"
+            f"Similarity gallery: http://localhost:{args.port}/similarity-gallery/",
+            flush=True,
         )
         airflow = Path(sys.executable).parent / "airflow"
         with contextlib.suppress(KeyboardInterrupt):

@@ -89,12 +89,35 @@ class Settings:
     CPU) | keras | ncnn. Engines agree within 1e-4, so this is not part of the feature version."""
     decode_workers: int = 0
     """Variable `similarity_decode_workers`: threads decoding images while the model runs (0 = one per core)."""
-    gpu_pool: str = "default_pool"
-    """Variable `similarity_gpu_pool`: Airflow pool of the extract_features task (e.g. `gpu`, sized
-    to the number of GPUs); `default_pool` keeps it with the other tasks."""
-    gpu_queue: str = "default"
-    """Variable `similarity_gpu_queue`: executor queue of the extract_features task, so Celery or
-    Kubernetes executors can send it to GPU workers (e.g. `gpu`)."""
+
+    # Orchestration. The DAG file reads these when it is parsed (see `dag_settings`), so a
+    # change shows up at the next parse; the shard sizes are read by each run.
+    schedule: str = "@daily"
+    """Variable `similarity_schedule`: cron expression or preset (`@hourly`, `@daily`); `none` = manual only."""
+    catchup: bool = False
+    """Variable `similarity_catchup`: also create runs for intervals missed while the DAG was off."""
+    download_shard_size: int = 2000
+    """Variable `similarity_download_shard_size`: pending thumbnails per mapped download task."""
+    extract_shard_size: int = 5000
+    """Variable `similarity_extract_shard_size`: pending images per mapped extraction task."""
+    max_shards: int = 16
+    """Variable `similarity_max_shards`: upper bound on mapped tasks per stage."""
+    gpu_pool: str = "gpu"
+    """Variable `similarity_gpu_pool`: Airflow pool of extraction tasks (one slot per GPU)."""
+    gpu_queue: str = "gpu"
+    """Variable `similarity_gpu_queue`: executor queue served by GPU workers (Celery/Kubernetes)."""
+    task_retries: int = 3
+    """Variable `similarity_task_retries`: retries per task, with exponential backoff."""
+    retry_delay_s: int = 60
+    """Variable `similarity_retry_delay_s`: first retry delay; it doubles on each further retry."""
+    max_retry_delay_s: int = 1800
+    """Variable `similarity_max_retry_delay_s`: cap on the retry delay."""
+    task_timeout_minutes: int = 360
+    """Variable `similarity_task_timeout_minutes`: execution timeout of each task."""
+    run_wait_poke_s: int = 30
+    """Variable `similarity_run_wait_poke_s`: how often a run waiting for its turn checks again."""
+    run_wait_timeout_hours: int = 24
+    """Variable `similarity_run_wait_timeout_hours`: a run that waited this long for its turn fails."""
 
     def __post_init__(self) -> None:
         if self.input_size < 32:
@@ -107,6 +130,12 @@ class Settings:
             raise ValueError("similarity_extract_batch_size and similarity_gpu_batch_size must be >= 1")
         if self.decode_workers < 0:
             raise ValueError(f"similarity_decode_workers must be >= 0, got {self.decode_workers}")
+        for name in ("download_shard_size", "extract_shard_size", "max_shards", "run_wait_poke_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"similarity_{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("task_retries", "retry_delay_s", "max_retry_delay_s", "task_timeout_minutes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"similarity_{name} must be >= 0, got {getattr(self, name)}")
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -132,8 +161,19 @@ VARIABLES: dict[str, str] = {
     "similarity_extract_precision": "extract_precision",
     "similarity_extract_engine": "extract_engine",
     "similarity_decode_workers": "decode_workers",
+    "similarity_schedule": "schedule",
+    "similarity_catchup": "catchup",
+    "similarity_download_shard_size": "download_shard_size",
+    "similarity_extract_shard_size": "extract_shard_size",
+    "similarity_max_shards": "max_shards",
     "similarity_gpu_pool": "gpu_pool",
     "similarity_gpu_queue": "gpu_queue",
+    "similarity_task_retries": "task_retries",
+    "similarity_retry_delay_s": "retry_delay_s",
+    "similarity_max_retry_delay_s": "max_retry_delay_s",
+    "similarity_task_timeout_minutes": "task_timeout_minutes",
+    "similarity_run_wait_poke_s": "run_wait_poke_s",
+    "similarity_run_wait_timeout_hours": "run_wait_timeout_hours",
 }
 
 # libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).
@@ -143,6 +183,10 @@ _LIBPQ_EXTRAS = {
 }  # fmt: skip
 
 
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
 def parse_variable(name: str, raw: str) -> Any:
     """Convert a Variable's string value to the type of its Settings field, with a clear error."""
     field_name = VARIABLES[name]
@@ -150,6 +194,12 @@ def parse_variable(name: str, raw: str) -> Any:
     raw = raw.strip()
     if isinstance(default, tuple):
         return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    if isinstance(default, bool):
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ValueError(f"Variable {name} must be true or false, got {raw!r}")
     if isinstance(default, int):
         try:
             return int(raw)
@@ -189,16 +239,29 @@ def api_base_url_from_connection(conn: Any) -> str:
     return f"{scheme}://{host}{port}"
 
 
-def settings_from_airflow(**overrides: Any) -> Settings:
-    """Build Settings from the contract's Airflow connections and Variables."""
-    from airflow.exceptions import AirflowNotFoundException
-    from airflow.sdk import BaseHook, Variable
+def variable_values() -> dict[str, Any]:
+    """Settings fields given by Airflow Variables (or `AIRFLOW_VAR_*` environment variables)."""
+    from airflow.sdk import Variable
 
     values: dict[str, Any] = {}
     for name, field_name in VARIABLES.items():
         raw = Variable.get(name, default=None)
         if raw is not None and str(raw).strip() != "":
             values[field_name] = parse_variable(name, str(raw))
+    return values
+
+
+def dag_settings() -> Settings:
+    """Settings for the DAG file at parse time: Variables only, no connections (no database needed)."""
+    return Settings(**variable_values())
+
+
+def settings_from_airflow(**overrides: Any) -> Settings:
+    """Build Settings from the contract's Airflow connections and Variables."""
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.sdk import BaseHook
+
+    values = variable_values()
 
     try:
         db_conn = BaseHook.get_connection(DB_CONN_ID)

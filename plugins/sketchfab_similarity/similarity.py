@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .db import connect
-from .features import FeatureSpec
+from .features import EMBEDDING_DIM, FeatureSpec
 from .progress import Progress
 from .settings import Settings
 
@@ -74,7 +74,7 @@ def load_embeddings(db_url: str, version: str) -> tuple[list[str], np.ndarray]:
         )
         rows = cur.fetchall()
     uids = [r[0] for r in rows]
-    matrix = np.array([r[1].to_numpy() for r in rows], dtype=np.float32).reshape(len(rows), -1)
+    matrix = np.array([r[1].to_numpy() for r in rows], dtype=np.float32).reshape(len(rows), EMBEDDING_DIM)
     return uids, matrix
 
 

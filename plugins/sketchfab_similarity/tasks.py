@@ -8,21 +8,96 @@ nothing about Airflow.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
-from . import crawl, db, features, similarity, thumbnails, vectors
+import psycopg2.errors
+
+from . import crawl, db, features, runs, similarity, thumbnails, vectors
 from .settings import Settings, describe, settings_from_airflow
-from .sharding import WHOLE, Shard
+from .sharding import Shard
 
 log = logging.getLogger(__name__)
+
+# The DAG's params; any other key in a run's conf is a typo and fails the run.
+PARAM_NAMES = frozenset(
+    {"max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh"}
+)
 
 
 def settings_for(context: dict[str, Any]) -> Settings:
     params = context.get("params") or {}
     settings = settings_from_airflow(top_n=params.get("top_n"))
     return settings
+
+
+def timetable(settings: Settings) -> Any:
+    """Cron data intervals, so each scheduled or backfill run owns [start, end) with no gaps."""
+    from airflow.sdk import CronDataIntervalTimetable
+    from airflow.sdk.exceptions import AirflowTimetableInvalid
+
+    schedule = settings.schedule.strip()
+    if schedule.lower() in ("", "none"):
+        return None
+    timetable = CronDataIntervalTimetable(schedule, timezone="UTC")
+    try:
+        timetable.validate()
+    except AirflowTimetableInvalid as exc:  # the cron parser's message does not name the Variable
+        raise ValueError(
+            f"Variable similarity_schedule {schedule!r} is not a cron expression or preset "
+            f"(@hourly, @daily, '0 */6 * * *', or none): {exc}"
+        ) from None
+    return timetable
+
+
+def check_conf(context: dict[str, Any]) -> None:
+    """Refuse conf keys that are not params (a typo would otherwise be silently ignored)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    conf = getattr(context["dag_run"], "conf", None) or {}
+    unknown = sorted(set(conf) - PARAM_NAMES)
+    if unknown:
+        raise AirflowFailException(
+            f"Unknown parameter(s) {', '.join(map(repr, unknown))} in the run's conf; "
+            f"valid parameters are {', '.join(sorted(PARAM_NAMES))}"
+        )
+
+
+def _dag_run_state(context: dict[str, Any], dag_id: str, run_id: str) -> str | None:
+    """Another run's state through the Task SDK; None if Airflow no longer knows the run."""
+    from airflow.sdk.exceptions import AirflowRuntimeError
+
+    try:
+        state = context["ti"].get_dagrun_state(dag_id, run_id)
+    except AirflowRuntimeError as exc:
+        if isinstance(exc.error.detail, dict) and exc.error.detail.get("status_code") == 404:
+            return None
+        raise
+    return str(getattr(state, "value", state))
+
+
+def start_run(context: dict[str, Any]) -> bool:
+    """Check the run's conf, wait for the run lease (one run at a time), then apply the schema."""
+    check_conf(context)
+    settings = settings_for(context)
+    dag_id, run_id = context["dag_run"].dag_id, context["dag_run"].run_id
+
+    def acquire() -> runs.LeaseDecision:
+        return runs.try_acquire_run_lease(
+            settings.db_url, dag_id, run_id, lambda d, r: _dag_run_state(context, d, r)
+        )
+
+    try:
+        decision = acquire()
+    except psycopg2.errors.UndefinedTable:  # a fresh database: create the schema, then take the lease
+        db.apply_schema(settings.db_url)
+        decision = acquire()
+    log.info("run lease: %s", decision.reason)
+    if decision.acquired:
+        log.info("schema applied: %s", ", ".join(db.apply_schema(settings.db_url)))
+    return decision.acquired
 
 
 def crawl_window(context: dict[str, Any], settings: Settings) -> crawl.CrawlWindow:
@@ -53,18 +128,48 @@ def crawl_models(context: dict[str, Any]) -> dict[str, Any]:
     return asdict(crawl.crawl(settings, window, filters))
 
 
-def download_thumbnails(context: dict[str, Any]) -> dict[str, Any]:
-    return asdict(thumbnails.download_thumbnails(settings_for(context)))
+def _shard_plan(stage: str, pending: int, shard_size: int, max_shards: int) -> list[dict[str, int]]:
+    shards = runs.plan_shards(pending, shard_size, max_shards)
+    log.info("%s: %d pending, %d shard(s) of up to %d", stage, pending, len(shards), shard_size)
+    return [asdict(s) for s in shards]
 
 
-def extract_features(context: dict[str, Any], shard: Shard = WHOLE) -> dict[str, Any]:
-    """One shard of the pending thumbnails (mapped tasks each take one); route it with
-    Settings.gpu_pool / gpu_queue where GPU workers exist."""
+def plan_downloads(context: dict[str, Any]) -> list[dict[str, int]]:
+    """Shard descriptors for the mapped download tasks, sized by `download_shard_size`."""
+    settings = settings_for(context)
+    pending = len(thumbnails.pending_downloads(settings))
+    return _shard_plan("download", pending, settings.download_shard_size, settings.max_shards)
+
+
+def download_thumbnails(context: dict[str, Any], shard: Mapping[str, int]) -> dict[str, Any]:
+    return asdict(thumbnails.download_thumbnails(settings_for(context), shard=Shard(**shard)))
+
+
+def plan_extraction(context: dict[str, Any]) -> list[dict[str, int]]:
+    """Shard descriptors for the mapped extraction tasks, sized by `extract_shard_size`."""
+    settings = settings_for(context)
+    force = bool((context.get("params") or {}).get("force_reextract"))
+    version = features.FeatureSpec.from_settings(settings).version
+    pending = len(features.pending_extractions(settings.db_url, version, force))
+    return _shard_plan("extract", pending, settings.extract_shard_size, settings.max_shards)
+
+
+def extract_features(context: dict[str, Any], shard: Mapping[str, int]) -> dict[str, Any]:
     params = context.get("params") or {}
     result = features.extract_features(
-        settings_for(context), force=bool(params.get("force_reextract")), shard=shard
+        settings_for(context), force=bool(params.get("force_reextract")), shard=Shard(**shard)
     )
     return asdict(result)
+
+
+def mapped_results(parts: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The XComs of a mapped task in one request (iterating Airflow's lazy sequence probes past its end)."""
+    return list(parts[:])
+
+
+def merge_extracted(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One extraction result from the mapped shards' results (load_vectors takes the union)."""
+    return runs.combine(mapped_results(parts))
 
 
 def load_vectors(context: dict[str, Any], extracted: dict[str, Any]) -> dict[str, Any]:
@@ -75,3 +180,45 @@ def refresh_similarity(context: dict[str, Any]) -> dict[str, Any]:
     params = context.get("params") or {}
     settings = settings_for(context)
     return asdict(similarity.refresh_similarity(settings, full=bool(params.get("full_refresh"))))
+
+
+# Per stage, the counts worth a line in the run summary (the full results stay in each task's XCom).
+SUMMARY_FIELDS = {
+    "crawl_models": ("pages", "seen", "upserted", "rejected"),
+    "download_thumbnails": ("candidates", "fetched", "failed", "stored_new"),
+    "extract_features": ("extracted", "failed"),
+    "load_vectors": ("loaded", "changed", "rejected"),
+    "refresh_similarity": ("models", "rows"),
+}
+
+
+def summarize_run(context: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
+    """Combine every stage's counts, record them in `pipeline_runs`, release the run lease.
+
+    `results` maps a stage's task id to its XCom, or to the list of XComs of its mapped tasks.
+    """
+    counts: dict[str, Any] = {}
+    feature_version = None
+    for stage, result in results.items():
+        merged = runs.combine([result] if isinstance(result, Mapping) else mapped_results(result))
+        feature_version = merged.get("feature_version") or feature_version
+        fields = SUMMARY_FIELDS.get(stage, tuple(k for k, v in merged.items() if isinstance(v, int)))
+        counts[stage] = {k: merged[k] for k in fields if k in merged}
+    settings = settings_for(context)
+    dag_run = context["dag_run"]
+    run_type = getattr(dag_run.run_type, "value", dag_run.run_type)
+    runs.record_run(
+        settings.db_url,
+        dag_id=dag_run.dag_id,
+        run_id=dag_run.run_id,
+        run_type=str(run_type),
+        data_interval=(context.get("data_interval_start"), context.get("data_interval_end")),
+        feature_version=feature_version,
+        counts=counts,
+    )
+    runs.release_run_lease(settings.db_url, dag_run.dag_id, dag_run.run_id)
+    log.info(
+        "run summary: %s",
+        "; ".join(f"{stage} " + ", ".join(f"{k}={v}" for k, v in c.items()) for stage, c in counts.items()),
+    )
+    return {"run_id": dag_run.run_id, "feature_version": feature_version, **counts}

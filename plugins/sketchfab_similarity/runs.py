@@ -1,0 +1,136 @@
+"""Run-level bookkeeping: one run at a time, shard plans for mapped tasks, run summaries.
+
+Airflow's `max_active_runs` keeps scheduled and manual runs from overlapping, but it
+counts each backfill's runs separately. The run lease closes that gap: a run works
+only while it holds the lease, and takes it over only from a run that is no longer
+active, so scheduled runs, manual runs and every backfill run take turns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg2.extras import Json
+
+from .db import connect
+from .sharding import Shard
+
+LEASE_KEY = "run_lease"
+ACTIVE_RUN_STATES = frozenset({"queued", "running"})
+
+
+@dataclass(frozen=True)
+class LeaseDecision:
+    acquired: bool
+    reason: str
+
+
+def try_acquire_run_lease(
+    db_url: str, dag_id: str, run_id: str, run_state: Callable[[str, str], str | None]
+) -> LeaseDecision:
+    """Take the lease if it is free, already ours, or held by a run that is no longer active.
+
+    `run_state(dag_id, run_id)` gives the holder's Airflow state (None if the run no
+    longer exists). The lease row is locked while we decide, so two runs never both win.
+    """
+    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO pipeline_state (name, value) VALUES (%s, '{}'::jsonb) ON CONFLICT (name) DO NOTHING",
+            (LEASE_KEY,),
+        )
+        cur.execute("SELECT value FROM pipeline_state WHERE name = %s FOR UPDATE", (LEASE_KEY,))
+        (held,) = cur.fetchone()
+        holder_dag, holder_run = held.get("dag_id"), held.get("run_id")
+        if holder_run == run_id and holder_dag == dag_id:
+            return LeaseDecision(True, "this run already holds the lease")
+        reason = "the lease was free"
+        if holder_run:
+            state = run_state(holder_dag, holder_run)
+            if state in ACTIVE_RUN_STATES:
+                return LeaseDecision(False, f"waiting for run {holder_run!r} of {holder_dag} ({state})")
+            reason = f"took over from run {holder_run!r} ({state or 'no longer exists'})"
+        cur.execute(
+            "UPDATE pipeline_state SET value = %s, updated_at = now() WHERE name = %s",
+            (Json({"dag_id": dag_id, "run_id": run_id}), LEASE_KEY),
+        )
+        return LeaseDecision(True, reason)
+
+
+def release_run_lease(db_url: str, dag_id: str, run_id: str) -> bool:
+    """Hand the lease back at the end of a run; a no-op if another run holds it."""
+    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE pipeline_state SET value = '{}'::jsonb, updated_at = now() "
+            "WHERE name = %s AND value->>'dag_id' = %s AND value->>'run_id' = %s",
+            (LEASE_KEY, dag_id, run_id),
+        )
+        return cur.rowcount == 1
+
+
+def plan_shards(pending: int, shard_size: int, max_shards: int) -> list[Shard]:
+    """Enough shards for `shard_size` items each, at least one (so the stage always runs), at most max."""
+    count = min(max(1, math.ceil(pending / shard_size)), max_shards)
+    return Shard.all(count)
+
+
+def combine(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge the XComs of mapped task instances: numbers add up, lists concatenate, dicts merge.
+
+    Other values must agree across parts (e.g. every shard's feature version).
+    """
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key not in out:
+                out[key] = (
+                    dict(value)
+                    if isinstance(value, dict)
+                    else list(value)
+                    if isinstance(value, list)
+                    else value
+                )
+            elif isinstance(value, bool) or not isinstance(value, int | float | list | dict):
+                if value != out[key]:
+                    raise ValueError(f"mapped tasks disagree on {key!r}: {out[key]!r} vs {value!r}")
+            elif isinstance(value, list):
+                out[key].extend(value)
+            elif isinstance(value, dict):
+                merged = out[key]
+                for k, v in value.items():
+                    both_numbers = isinstance(v, int | float) and isinstance(merged.get(k), int | float)
+                    merged[k] = merged[k] + v if both_numbers else v
+            else:
+                out[key] += value
+    return out
+
+
+def record_run(
+    db_url: str,
+    *,
+    dag_id: str,
+    run_id: str,
+    run_type: str,
+    data_interval: tuple[datetime | None, datetime | None],
+    feature_version: str | None,
+    counts: Mapping[str, Any],
+) -> None:
+    """Upsert the run's summary into `pipeline_runs` (a rerun of the same run replaces it)."""
+    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO pipeline_runs
+                (run_id, dag_id, run_type, data_interval_start, data_interval_end, feature_version, counts)
+            VALUES (%s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (dag_id, run_id) DO UPDATE SET
+                run_type = EXCLUDED.run_type,
+                data_interval_start = EXCLUDED.data_interval_start,
+                data_interval_end = EXCLUDED.data_interval_end,
+                feature_version = EXCLUDED.feature_version,
+                counts = EXCLUDED.counts, finished_at = now()
+            """,
+            (run_id, dag_id, run_type, *data_interval, feature_version, Json(dict(counts))),
+        )

@@ -1,0 +1,55 @@
+"""A small database filled by the real pipeline stages, with hostile model data, for the gallery tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fake_sketchfab import Catalog, start_server
+from sketchfab_similarity import crawl, features, runs, similarity, thumbnails, vectors
+from sketchfab_similarity.settings import Settings
+
+EVIL_NAME = "<script>alert('name')</script><img src=x onerror=alert(1)> & \"quotes\""
+WILDCARD_NAME = "50% off_sale"
+EVIL_VIEWER_URL = "javascript:alert(document.cookie)"
+
+
+@dataclass(frozen=True)
+class GalleryData:
+    settings: Settings
+    catalog: Catalog
+    evil_uid: str
+    wildcard_uid: str
+    run_id: str
+
+
+def fill_database(settings_factory, n_models: int = 14) -> GalleryData:
+    """Crawl, download, extract, load and refresh `n_models` models through the stage functions."""
+    catalog = Catalog.generate(n_models, seed=11)
+    evil, wildcard = catalog.models[1], catalog.models[4]
+    evil.name = EVIL_NAME
+    evil.json_overrides = {"viewerUrl": EVIL_VIEWER_URL}
+    wildcard.name = WILDCARD_NAME
+    with start_server(catalog) as server:
+        settings = settings_factory(api_base_url=server.api_base_url, thumbnail_hosts=(server.media_host,))
+        crawled = crawl.crawl(settings, crawl.CrawlWindow())
+        downloaded = thumbnails.download_thumbnails(settings)
+    extracted = features.extract_features(settings)
+    loaded = vectors.load_vectors(settings, extracted.files)
+    refreshed = similarity.refresh_similarity(settings)
+    run_id = "manual__2026-01-02T03:04:05+00:00"
+    runs.record_run(
+        settings.db_url,
+        dag_id="sketchfab_visual_similarity",
+        run_id=run_id,
+        run_type="manual",
+        data_interval=(None, None),
+        feature_version=extracted.feature_version,
+        counts={
+            "crawl_models": {"upserted": crawled.upserted},
+            "download_thumbnails": {"fetched": downloaded.fetched, "failed": downloaded.failed},
+            "extract_features": {"extracted": extracted.extracted},
+            "load_vectors": {"loaded": loaded.loaded},
+            "refresh_similarity": {"rows": refreshed.rows},
+        },
+    )
+    return GalleryData(settings, catalog, evil.uid, wildcard.uid, run_id)

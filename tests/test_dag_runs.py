@@ -1,0 +1,120 @@
+"""Run-level pieces of the DAG: the run lease, shard plans, combining mapped results, run summaries."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+from helpers import query
+from sketchfab_similarity import runs, tasks
+from sketchfab_similarity.sharding import Shard
+
+DAG = "sketchfab_visual_similarity"
+
+
+@pytest.mark.parametrize(
+    ("pending", "size", "max_shards", "count"),
+    [(0, 100, 8, 1), (1, 100, 8, 1), (100, 100, 8, 1), (101, 100, 8, 2), (10_000, 100, 8, 8)],
+)
+def test_shard_plan_is_sized_by_settings(pending, size, max_shards, count):
+    shards = runs.plan_shards(pending, size, max_shards)
+    assert shards == Shard.all(count)
+
+
+def test_combine_adds_counts_concatenates_files_and_merges_reasons():
+    parts = [
+        {"feature_version": "v1", "files": ["a"], "extracted": 3, "failures": {"u1": "bad"}, "by": {"x": 1}},
+        {
+            "feature_version": "v1",
+            "files": ["b", "c"],
+            "extracted": 4,
+            "failures": {"u2": "worse"},
+            "by": {"x": 2},
+        },
+    ]
+    assert runs.combine(parts) == {
+        "feature_version": "v1",
+        "files": ["a", "b", "c"],
+        "extracted": 7,
+        "failures": {"u1": "bad", "u2": "worse"},
+        "by": {"x": 3},
+    }
+    assert parts[0]["files"] == ["a"], "inputs are not modified"
+    with pytest.raises(ValueError, match="disagree on 'feature_version'"):
+        runs.combine([{"feature_version": "v1"}, {"feature_version": "v2"}])
+
+
+def states(**by_run: str | None):
+    return lambda dag_id, run_id: by_run.get(run_id)
+
+
+@pytest.mark.integration
+def test_run_lease_lets_one_run_work_at_a_time(fresh_db):
+    assert runs.try_acquire_run_lease(fresh_db, DAG, "scheduled_1", states()).acquired
+    assert runs.try_acquire_run_lease(fresh_db, DAG, "scheduled_1", states()).acquired, "re-entrant"
+
+    waiting = runs.try_acquire_run_lease(fresh_db, DAG, "backfill_1", states(scheduled_1="running"))
+    assert not waiting.acquired and "scheduled_1" in waiting.reason
+    queued = runs.try_acquire_run_lease(fresh_db, DAG, "backfill_1", states(scheduled_1="queued"))
+    assert not queued.acquired
+
+    taken = runs.try_acquire_run_lease(fresh_db, DAG, "backfill_1", states(scheduled_1="failed"))
+    assert taken.acquired and "took over" in taken.reason
+    gone = runs.try_acquire_run_lease(fresh_db, DAG, "manual_1", states())
+    assert gone.acquired and "no longer exists" in gone.reason
+
+    assert not runs.release_run_lease(fresh_db, DAG, "backfill_1"), "only the holder releases"
+    assert runs.release_run_lease(fresh_db, DAG, "manual_1")
+    free = runs.try_acquire_run_lease(fresh_db, DAG, "backfill_2", states(manual_1="running"))
+    assert free.acquired and free.reason == "the lease was free"
+
+
+@pytest.mark.integration
+def test_concurrent_runs_never_both_get_the_lease(fresh_db):
+    contenders = [f"backfill_{i}" for i in range(8)]
+    barrier = threading.Barrier(len(contenders))
+    results: dict[str, bool] = {}
+
+    def contend(run_id: str) -> None:
+        barrier.wait()
+        everyone_running = states(**{r: "running" for r in contenders})
+        results[run_id] = runs.try_acquire_run_lease(fresh_db, DAG, run_id, everyone_running).acquired
+
+    threads = [threading.Thread(target=contend, args=(r,)) for r in contenders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r, won in results.items() if won]
+    assert len(winners) == 1
+    (holder,) = query(fresh_db, "SELECT value->>'run_id' FROM pipeline_state WHERE name = 'run_lease'")[0]
+    assert holder == winners[0]
+
+
+@pytest.mark.integration
+def test_run_summary_is_replaced_by_a_rerun(fresh_db):
+    for upserted in (5, 7):
+        runs.record_run(
+            fresh_db,
+            dag_id=DAG,
+            run_id="manual_1",
+            run_type="manual",
+            data_interval=(None, None),
+            feature_version="v1",
+            counts={"crawl_models": {"upserted": upserted}},
+        )
+    rows = query(fresh_db, "SELECT run_id, counts FROM pipeline_runs")
+    assert rows == [("manual_1", {"crawl_models": {"upserted": 7}})]
+    (latest,) = query(fresh_db, "SELECT latest_run_id FROM pipeline_overview")[0]
+    assert latest == "manual_1"
+
+
+def test_unknown_conf_keys_fail_the_run_with_the_valid_names():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    context = {"dag_run": SimpleNamespace(conf={"max_model": 5, "top_n": 3})}
+    with pytest.raises(AirflowFailException, match="Unknown parameter\\(s\\) 'max_model'.*max_models"):
+        tasks.check_conf(context)
+    tasks.check_conf({"dag_run": SimpleNamespace(conf={"top_n": 3})})
+    tasks.check_conf({"dag_run": SimpleNamespace(conf=None)})
