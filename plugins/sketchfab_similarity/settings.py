@@ -63,6 +63,30 @@ class Settings:
     """Thumbnails with more pixels than this are refused before decoding (decompression bombs)."""
     max_download_attempts: int = 3
     """A thumbnail that failed for a transient reason is retried on later runs up to this many times."""
+    api_retries: int = 6
+    """Retries of one API request on connection errors, 429 and 5xx before the crawl task fails
+    (Airflow's task retry then resumes from the checkpoint)."""
+    api_backoff_s: float = 0.5
+    """Base of the exponential backoff between API retries (doubling, plus up to as much random jitter)."""
+    api_retry_after_cap_s: float = 120.0
+    """Longest sleep honoured for one `Retry-After` (a misbehaving proxy may ask for hours)."""
+    api_body_retries: int = 2
+    """Retries of a 200 response that is not JSON (a proxy's error page) before it is an error."""
+    api_pace_below: int = 3
+    """When `X-RateLimit-Remaining` drops below this, spread the rest of the window until its reset."""
+    api_max_pace_sleep_s: float = 60.0
+    """Longest pause taken for pacing on rate-limit headers."""
+    download_retries: int = 2
+    """Retries of one thumbnail request on connection errors, 429 and 5xx within a run."""
+    download_backoff_s: float = 0.2
+    """Base of the exponential backoff between thumbnail retries."""
+    download_retry_after_cap_s: float = 10.0
+    """Longest `Retry-After` a download worker waits; beyond it the row fails as transient for a later run."""
+    download_deadline_s: float = 60.0
+    """Whole-download time limit for one thumbnail (a server trickling bytes cannot hold a worker)."""
+    thumbnail_private_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    """Variable `similarity_thumbnail_private_hosts`: allow-listed hosts that may resolve to private,
+    loopback or link-local addresses (local mirrors, the demo). Any other host doing so is refused."""
     extract_batch_size: int = 32
     """Variable `similarity_extract_batch_size`: images per VGG16 forward pass."""
 
@@ -73,6 +97,12 @@ class Settings:
             raise ValueError(f"similarity_top_n must be >= 1, got {self.top_n}")
         if not self.thumbnail_hosts:
             raise ValueError("similarity_thumbnail_hosts must name at least one host")
+        if not 1 <= self.page_size <= 24:
+            raise ValueError(f"page_size must be between 1 and 24 (the API's maximum), got {self.page_size}")
+        if self.download_workers < 1:
+            raise ValueError(f"similarity_download_workers must be >= 1, got {self.download_workers}")
+        if min(self.api_retries, self.download_retries, self.api_body_retries) < 0:
+            raise ValueError("retry counts must be >= 0")
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -89,6 +119,9 @@ VARIABLES: dict[str, str] = {
     "similarity_crawl_overlap_minutes": "crawl_overlap_minutes",
     "similarity_download_workers": "download_workers",
     "similarity_extract_batch_size": "extract_batch_size",
+    "similarity_thumbnail_private_hosts": "thumbnail_private_hosts",
+    "similarity_max_download_attempts": "max_download_attempts",
+    "similarity_api_retries": "api_retries",
 }
 
 # libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).
