@@ -35,6 +35,7 @@ MAX_PAGE_BYTES = 32 * 1024 * 1024
 """A listing page is ~100 kB; anything near this is not a page we want to hold in memory."""
 MAX_PAGE_SIZE = 24
 """The API's own maximum `count`."""
+RESET_MARGIN_S = 0.25
 
 
 class SketchfabAPIError(RuntimeError):
@@ -302,8 +303,9 @@ class SketchfabClient:
             return
         if remaining_n >= self.pace_below:
             return
-        # Reset may be an epoch timestamp or seconds from now; both are seen in the wild.
-        until_reset = reset_s - time.time() if reset_s > 1e9 else reset_s
+        # Reset may be an epoch timestamp or seconds from now; both are seen in the wild. It is given
+        # in whole seconds, so aim a little past it.
+        until_reset = (reset_s - time.time() if reset_s > 1e9 else reset_s) + RESET_MARGIN_S
         wait = max(0.0, min(until_reset / (remaining_n + 1), self.max_pace_sleep_s))
         if wait:
             log.info("Rate limit: %d requests left in the window; pausing %.1fs", remaining_n, wait)

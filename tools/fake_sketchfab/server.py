@@ -258,11 +258,13 @@ class _Handler(BaseHTTPRequestHandler):
                 st.window_start, st.window_count = now, 0
             st.window_count += 1
             limit = faults.rate_limit_per_minute or UNLIMITED_RATE
-            reset_in = max(1, math.ceil(st.window_start + faults.rate_limit_window_s - now))
+            window_left = st.window_start + faults.rate_limit_window_s - now
+            reset_in = max(1, math.ceil(window_left))
             headers = {
                 "X-RateLimit-Limit": str(limit),
                 "X-RateLimit-Remaining": str(max(limit - st.window_count, 0)),
-                "X-RateLimit-Reset": str(int(time.time()) + reset_in),  # epoch seconds
+                # Epoch seconds, rounded up: a client sleeping until then finds the window reset.
+                "X-RateLimit-Reset": str(math.ceil(time.time() + window_left)),
             }
             throttled = {"detail": "Request was throttled."}
             if faults.rate_limit_per_minute and st.window_count > faults.rate_limit_per_minute:
