@@ -237,6 +237,12 @@ def fetch_bytes(session: requests.Session, url: str, settings: Settings) -> byte
             resp = session.get(url, stream=True, timeout=settings.http_timeout_s, allow_redirects=False)
         except PrivateAddressRefused as exc:
             raise FetchFailed("private address", str(exc), transient=False) from None
+        except (
+            requests.exceptions.InvalidURL,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.MissingSchema,
+        ) as exc:
+            raise FetchFailed("bad URL", type(exc).__name__, transient=False) from None
         except requests.RequestException as exc:
             raise FetchFailed("connection failed", type(exc).__name__, transient=True) from None
         with resp:
