@@ -53,8 +53,9 @@ class Settings:
     """Variable `similarity_crawl_overlap_minutes`: re-read window below the watermark."""
     page_size: int = 24
     """Models per API page (24 is the API's maximum)."""
-    download_workers: int = 16
-    """Variable `similarity_download_workers`: concurrent thumbnail fetches."""
+    download_workers: int = 32
+    """Variable `similarity_download_workers`: thumbnail requests in flight at once (per task). At 20 ms
+    per request, 16 cap a task near 750 thumbnails/s; 32 leave the CPU as the limit."""
     http_timeout_s: float = 20.0
     """Connect/read timeout for every HTTP request."""
     max_image_bytes: int = 10_000_000

@@ -2,48 +2,60 @@
 
 Only hosts on the allow-list are contacted, over http(s), and every redirect hop
 is checked again (the API decides what URLs we see, so this is an SSRF boundary).
-The connection itself is checked too: a host that resolves to a private,
+What a host resolves to is checked too: a host whose DNS answer is a private,
 loopback or link-local address is refused unless it is listed in
 `thumbnail_private_hosts`, which defeats DNS tricks that the name check cannot see.
 
+Fetching runs on an asyncio event loop (aiohttp: pooled keep-alive connections,
+bounded concurrency, timeouts); decoding and storing run on a few worker threads.
 Every outcome is recorded in `model_thumbnails`: `ok` with the content hash and
 stored key, or `failed` with a reason "[transient|permanent] <kind>: <detail>".
-Transient failures are retried on later runs, up to `max_download_attempts`.
-Files are stored content-addressed, so identical images are stored once.
+Transient failures are retried within the run and on later runs, up to
+`max_download_attempts`. Files are stored content-addressed, so identical images
+are stored once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import logging
+import os
+import queue
+import random
+import socket
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import aiohttp
 import fsspec
-import requests
+from aiohttp.resolver import ThreadedResolver
+from fsspec.implementations.local import LocalFileSystem
 from psycopg2.extras import execute_values
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .db import connect
 from .images import ImageRejected, open_checked, to_rgb
 from .progress import Progress
 from .settings import Settings
 from .sharding import WHOLE, Shard
-from .sketchfab import make_retry
+from .sketchfab import RETRY_STATUSES
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+ACCEPT = "image/jpeg, image/png, image/webp;q=0.9"
+VALIDATE_THREADS = min(4, os.cpu_count() or 1)
 WRITE_BATCH = 200
 WRITE_EVERY_S = 5.0
 TRANSIENT, PERMANENT = "transient", "permanent"
@@ -61,8 +73,8 @@ class FetchFailed(Exception):
         return f"[{TRANSIENT if self.transient else PERMANENT}] {self}"
 
 
-class PrivateAddressRefused(Exception):
-    """Raised from inside the connection; deliberately not an OSError, so urllib3 does not retry it."""
+class PrivateAddressRefused(OSError):
+    """A DNS answer we refuse; an OSError because that is what aiohttp expects from a resolver."""
 
 
 @dataclass(frozen=True)
@@ -111,15 +123,23 @@ def choose_thumbnail(images: list[dict[str, Any]], min_side: int) -> str | None:
 
 
 class ThumbnailStore:
-    """Content-addressed files under a local path or any fsspec URL (file://, s3://, memory://, ...)."""
+    """Content-addressed files under a local path or any fsspec URL (file://, s3://, memory://, ...).
+
+    Keys are `<first two hex digits>/<sha256>.<ext>` (git's object layout): at most 256
+    directories, so a local store creates each directory once and never again.
+    """
+
+    EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
     def __init__(self, root: str) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(root)
         self.root = self.root.rstrip("/")
+        self._local = isinstance(self.fs, LocalFileSystem)
+        self._made_dirs: set[str] = set()
 
-    @staticmethod
-    def key_for(content_hash: str) -> str:
-        return f"{content_hash[:2]}/{content_hash[2:4]}/{content_hash}.jpg"
+    @classmethod
+    def key_for(cls, content_hash: str, image_format: str = "JPEG") -> str:
+        return f"{content_hash[:2]}/{content_hash}.{cls.EXTENSIONS.get(image_format, 'img')}"
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -127,11 +147,21 @@ class ThumbnailStore:
     def put(self, key: str, data: bytes) -> bool:
         """Write once; returns False when the content was already stored. Atomic via rename."""
         path = self.path(key)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        parent = path.rsplit("/", 1)[0]
+        if self._local:  # plain system calls: fsspec's layers cost more than the write itself
+            if os.path.exists(path):
+                return False
+            if parent not in self._made_dirs:
+                os.makedirs(parent, exist_ok=True)
+                self._made_dirs.add(parent)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return True
         if self.fs.exists(path):
             return False
-        parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, path)
         return True
@@ -148,65 +178,28 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def guarded_adapter(private_hosts: Iterable[str], **adapter_kw: Any) -> HTTPAdapter:
-    """An HTTPAdapter whose connections check the address they actually connected to.
+class GuardedResolver(ThreadedResolver):
+    """DNS answers for hosts outside `private_hosts` must all be public addresses.
 
-    The check runs on the connected socket, before a byte is sent, so it also holds
-    when DNS answers differently between a check and the connection (DNS rebinding).
+    aiohttp connects only to the addresses its resolver returns, so the check
+    cannot be undone by a second, different DNS answer (DNS rebinding).
     """
-    allowed = frozenset(h.lower() for h in private_hosts)
 
-    def check(conn: HTTPConnection, sock: Any) -> Any:
-        address = sock.getpeername()[0]
-        if conn.host.lower().strip("[]") not in allowed and not is_public_address(address):
-            sock.close()
-            raise PrivateAddressRefused(f"{conn.host!r} resolved to non-public address {address}")
-        return sock
+    def __init__(self, private_hosts: Iterable[str]) -> None:
+        super().__init__()
+        self.private_hosts = frozenset(h.lower() for h in private_hosts)
 
-    class GuardedHTTPConnection(HTTPConnection):
-        def _new_conn(self) -> Any:
-            return check(self, super()._new_conn())
-
-    class GuardedHTTPSConnection(HTTPSConnection):
-        def _new_conn(self) -> Any:
-            return check(self, super()._new_conn())
-
-    class GuardedHTTPPool(HTTPConnectionPool):
-        ConnectionCls = GuardedHTTPConnection
-
-    class GuardedHTTPSPool(HTTPSConnectionPool):
-        ConnectionCls = GuardedHTTPSConnection
-
-    class GuardedAdapter(HTTPAdapter):
-        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {"http": GuardedHTTPPool, "https": GuardedHTTPSPool}
-
-    return GuardedAdapter(**adapter_kw)
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
+        answers = await super().resolve(host, port, family)
+        if host.lower() not in self.private_hosts:
+            for answer in answers:
+                if not is_public_address(answer["host"]):
+                    raise PrivateAddressRefused(f"{host!r} resolved to non-public address {answer['host']}")
+        return answers
 
 
-def download_session(settings: Settings) -> requests.Session:
-    """Pooled, retrying (connection errors, 429, 5xx; capped Retry-After), guarded against private addresses."""
-    retry = make_retry(
-        retries=settings.download_retries,
-        backoff_s=settings.download_backoff_s,
-        retry_after_cap_s=settings.download_retry_after_cap_s,
-    )
-    adapter = guarded_adapter(
-        settings.thumbnail_private_hosts,
-        max_retries=retry,
-        pool_connections=4,
-        pool_maxsize=settings.download_workers,
-    )
-    session = requests.Session()
-    session.headers["Accept"] = "image/jpeg, image/png, image/webp;q=0.9"
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-def check_allowed(url: str, allowed_hosts: tuple[str, ...]) -> None:
-    """Only http(s), only allow-listed hosts (exact names), no credentials in the URL."""
+def check_allowed(url: str, allowed_hosts: tuple[str, ...], private_hosts: tuple[str, ...] = ()) -> None:
+    """Only http(s), only allow-listed hosts (exact names), no credentials, no private IP literals."""
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
@@ -221,64 +214,99 @@ def check_allowed(url: str, allowed_hosts: tuple[str, ...]) -> None:
         raise FetchFailed(
             "host not allowed", f"{host!r} is not in similarity_thumbnail_hosts", transient=False
         )
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name: the resolver checks what it resolves to
+    if host not in private_hosts and not is_public_address(str(literal)):
+        raise FetchFailed("private address", f"{host} is not a public address", transient=False)
 
 
-def fetch_bytes(session: requests.Session, url: str, settings: Settings) -> bytes:
-    """GET with manual redirects (each hop re-checked), a byte cap, a deadline and a content-type check."""
-    deadline = time.monotonic() + settings.download_deadline_s
-    for hop in range(MAX_REDIRECTS + 1):
-        try:
-            check_allowed(url, settings.thumbnail_hosts)
-        except FetchFailed as exc:
-            if hop:
-                raise FetchFailed("redirect refused", f"{exc} ({_redact(url)})", transient=False) from None
-            raise
-        try:
-            resp = session.get(url, stream=True, timeout=settings.http_timeout_s, allow_redirects=False)
-        except PrivateAddressRefused as exc:
-            raise FetchFailed("private address", str(exc), transient=False) from None
-        except (
-            requests.exceptions.InvalidURL,
-            requests.exceptions.InvalidSchema,
-            requests.exceptions.MissingSchema,
-        ) as exc:
-            raise FetchFailed("bad URL", type(exc).__name__, transient=False) from None
-        except requests.RequestException as exc:
-            raise FetchFailed("connection failed", type(exc).__name__, transient=True) from None
-        with resp:
-            if resp.is_redirect:
-                url = urljoin(url, resp.headers.get("Location", ""))
-                continue
-            if resp.status_code == 429 or resp.status_code >= 500:
-                raise FetchFailed(
-                    f"HTTP {resp.status_code}", f"after {settings.download_retries} retries", transient=True
-                )
-            if resp.status_code != 200:
-                raise FetchFailed(f"HTTP {resp.status_code}", resp.reason or "", transient=False)
-            ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if not ctype.startswith("image/"):
-                raise FetchFailed("not an image", f"content type {ctype or 'missing'!r}", transient=False)
-            declared = resp.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > settings.max_image_bytes:
-                raise FetchFailed(
-                    "too large", f"{declared} bytes, over the {settings.max_image_bytes} cap", transient=False
-                )
-            return _read_capped(resp, settings.max_image_bytes, deadline)
+def retry_delay(attempt: int, retry_after: str | None, backoff_s: float, cap_s: float) -> float:
+    """Retry-After (seconds or an HTTP date) when given, else exponential backoff with jitter; capped."""
+    if retry_after:
+        if retry_after.strip().isdigit():
+            return min(float(retry_after), cap_s)
+        with contextlib.suppress(TypeError, ValueError):
+            when = parsedate_to_datetime(retry_after).timestamp()
+            return max(0.0, min(when - time.time(), cap_s))
+    return min(backoff_s * 2**attempt + random.uniform(0, backoff_s), cap_s)
+
+
+@dataclass(frozen=True)
+class _Redirect:
+    location: str
+
+
+async def fetch_bytes(session: aiohttp.ClientSession, url: str, settings: Settings) -> bytes:
+    """GET under a whole-download deadline, following redirects by hand so every hop is checked again."""
+    try:
+        async with asyncio.timeout(settings.download_deadline_s):
+            for hop in range(MAX_REDIRECTS + 1):
+                try:
+                    check_allowed(url, settings.thumbnail_hosts, settings.thumbnail_private_hosts)
+                except FetchFailed as exc:
+                    if hop:
+                        raise FetchFailed(
+                            "redirect refused", f"{exc} ({_redact(url)})", transient=False
+                        ) from None
+                    raise
+                answer = await _get_with_retries(session, url, settings)
+                if isinstance(answer, bytes):
+                    return answer
+                url = urljoin(url, answer.location)
+    except TimeoutError:
+        raise FetchFailed("too slow", f"over {settings.download_deadline_s:g}s", transient=True) from None
     raise FetchFailed("too many redirects", f"more than {MAX_REDIRECTS}", transient=False)
 
 
-def _read_capped(resp: requests.Response, max_bytes: int, deadline: float) -> bytes:
+async def _get_with_retries(
+    session: aiohttp.ClientSession, url: str, settings: Settings
+) -> bytes | _Redirect:
+    """One hop: retries connection errors, 429 and 5xx (capped Retry-After, jittered backoff)."""
+    attempt = 0
+    while True:
+        retry_after = None
+        try:
+            async with session.get(url, allow_redirects=False) as resp:
+                if resp.status in REDIRECT_STATUSES:
+                    return _Redirect(resp.headers.get("Location", ""))
+                if resp.status in RETRY_STATUSES:
+                    failure = FetchFailed(f"HTTP {resp.status}", f"after {attempt} retries", transient=True)
+                    retry_after = resp.headers.get("Retry-After")
+                elif resp.status != 200:
+                    raise FetchFailed(f"HTTP {resp.status}", resp.reason or "", transient=False)
+                else:
+                    return await _read_body(resp, settings.max_image_bytes)
+        except aiohttp.ClientConnectorDNSError as exc:
+            if isinstance(exc.os_error, PrivateAddressRefused):
+                raise FetchFailed("private address", str(exc.os_error), transient=False) from None
+            failure = FetchFailed("connection failed", f"DNS: {exc.os_error}", transient=True)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failure = FetchFailed("connection failed", type(exc).__name__, transient=True)
+        if attempt >= settings.download_retries:
+            raise failure
+        delay = retry_delay(
+            attempt, retry_after, settings.download_backoff_s, settings.download_retry_after_cap_s
+        )
+        attempt += 1
+        await asyncio.sleep(delay)
+
+
+async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The body, refusing non-images and anything over the byte cap (declared or streamed)."""
+    ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if not ctype.startswith("image/"):
+        raise FetchFailed("not an image", f"content type {ctype or 'missing'!r}", transient=False)
+    declared = resp.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise FetchFailed("too large", f"{declared} bytes, over the {max_bytes} cap", transient=False)
     chunks, size = [], 0
-    try:
-        for chunk in resp.iter_content(64 * 1024):
-            size += len(chunk)
-            if size > max_bytes:
-                raise FetchFailed("too large", f"over the {max_bytes} byte cap", transient=False)
-            if time.monotonic() > deadline:
-                raise FetchFailed("too slow", f"{size} bytes before the deadline", transient=True)
-            chunks.append(chunk)
-    except requests.RequestException as exc:
-        raise FetchFailed("download interrupted", type(exc).__name__, transient=True) from None
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > max_bytes:
+            raise FetchFailed("too large", f"over the {max_bytes} byte cap", transient=False)
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -287,21 +315,19 @@ def _redact(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"[:200]
 
 
-def download_one(
-    task: DownloadTask, session: requests.Session, store: ThumbnailStore, settings: Settings
+def validate_and_store(
+    task: DownloadTask, data: bytes, store: ThumbnailStore, settings: Settings
 ) -> tuple[DownloadResult, bool]:
-    """Fetch, validate and store one thumbnail. Never raises: a bad image is a result, not an error."""
-    if task.url is None:
-        return _failed(task, FetchFailed("no thumbnail", "the model lists no images", transient=False)), False
+    """Decode fully, normalise, hash and store. CPU and disk work: runs on a worker thread."""
     try:
-        data = fetch_bytes(session, task.url, settings)
         try:
-            img = to_rgb(open_checked(data, settings.max_image_pixels))
+            decoded = open_checked(data, settings.max_image_pixels)
+            img = to_rgb(decoded)
         except ImageRejected as exc:
             kind, _, detail = str(exc).partition(": ")
             raise FetchFailed(kind, detail, transient=False) from None
         content_hash = hashlib.sha256(data).hexdigest()
-        key = ThumbnailStore.key_for(content_hash)
+        key = ThumbnailStore.key_for(content_hash, decoded.format or "")
         try:
             stored_new = store.put(key, data)
         except Exception as exc:  # the store itself failed (disk full, S3 down): worth retrying later
@@ -309,14 +335,103 @@ def download_one(
     except FetchFailed as exc:
         return _failed(task, exc), False
     except Exception as exc:  # a bug or an unforeseen library error must not fail the batch
-        log.exception("Unexpected error downloading %s", task.uid)
+        log.exception("Unexpected error validating %s", task.uid)
         return _failed(task, FetchFailed("unexpected error", f"{type(exc).__name__}: {exc}", True)), False
     width, height = img.size
     return DownloadResult(task.uid, task.url, "ok", content_hash, key, width, height), stored_new
 
 
+async def download_one(
+    task: DownloadTask,
+    session: aiohttp.ClientSession,
+    workers: ThreadPoolExecutor,
+    store: ThumbnailStore,
+    settings: Settings,
+) -> tuple[DownloadResult, bool]:
+    """Fetch, then validate and store on a worker thread. Never raises: a bad image is a result."""
+    if task.url is None:
+        return _failed(task, FetchFailed("no thumbnail", "the model lists no images", transient=False)), False
+    try:
+        data = await fetch_bytes(session, task.url, settings)
+    except FetchFailed as exc:
+        return _failed(task, exc), False
+    except Exception as exc:
+        log.exception("Unexpected error downloading %s", task.uid)
+        return _failed(task, FetchFailed("unexpected error", f"{type(exc).__name__}: {exc}", True)), False
+    return await asyncio.get_running_loop().run_in_executor(
+        workers, validate_and_store, task, data, store, settings
+    )
+
+
 def _failed(task: DownloadTask, exc: FetchFailed) -> DownloadResult:
     return DownloadResult(task.uid, task.url, "failed", error=exc.recorded[:1000])
+
+
+async def _download_all(
+    tasks: Iterable[DownloadTask],
+    store: ThumbnailStore,
+    settings: Settings,
+    emit: Callable[[tuple[DownloadResult, bool]], None],
+    stop: threading.Event,
+) -> None:
+    """At most `download_workers` requests in flight over pooled keep-alive connections."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.download_workers,
+        resolver=GuardedResolver(settings.thumbnail_private_hosts),
+        ttl_dns_cache=60,
+    )
+    timeout = aiohttp.ClientTimeout(sock_connect=settings.http_timeout_s, sock_read=settings.http_timeout_s)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers={"Accept": ACCEPT}, trust_env=False
+    ) as session:
+        with ThreadPoolExecutor(VALIDATE_THREADS, thread_name_prefix="thumbnail-validate") as workers:
+
+            async def one(task: DownloadTask) -> None:
+                emit(await download_one(task, session, workers, store, settings))
+
+            in_flight: set[asyncio.Task] = set()
+            for task in tasks:
+                if stop.is_set():
+                    break
+                if len(in_flight) >= settings.download_workers:
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    for finished in done:
+                        finished.result()
+                in_flight.add(asyncio.create_task(one(task)))
+            for finished in asyncio.as_completed(in_flight):
+                await finished
+
+
+def iter_downloads(
+    tasks: Iterable[DownloadTask], store: ThumbnailStore, settings: Settings
+) -> Iterator[tuple[DownloadResult, bool]]:
+    """Download on an event loop in a background thread; yield (result, stored_new) as they complete.
+
+    The caller's thread stays free for the database, the loop thread does network I/O, and a
+    few worker threads decode and store (Pillow and file I/O release the interpreter lock).
+    """
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    finished = object()
+
+    def run() -> None:
+        try:
+            asyncio.run(_download_all(tasks, store, settings, results.put, stop))
+        except BaseException as exc:
+            results.put(exc)
+        finally:
+            results.put(finished)
+
+    thread = threading.Thread(target=run, name="thumbnail-fetch", daemon=True)
+    thread.start()
+    try:
+        while (item := results.get()) is not finished:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer gave up: schedule nothing more, let the requests in flight end
+        thread.join(timeout=settings.download_deadline_s + 5)
 
 
 def plan_downloads(settings: Settings, shard: Shard = WHOLE, limit: int | None = None) -> DownloadPlan:
@@ -402,20 +517,6 @@ def record_results(db_url: str, results: list[DownloadResult]) -> None:
         )
 
 
-def bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
-    """Like ThreadPoolExecutor.map, in completion order, with at most 4x `workers` items in flight."""
-    items = iter(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbnail") as pool:
-        in_flight: set[Future[Any]] = {pool.submit(fn, item) for item in islice(items, 4 * workers)}
-        while in_flight:
-            done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in done:
-                next_item = next(items, None)
-                if next_item is not None:
-                    in_flight.add(pool.submit(fn, next_item))
-                yield future.result()
-
-
 def download_thumbnails(
     settings: Settings, tasks: list[DownloadTask] | None = None, shard: Shard = WHOLE
 ) -> DownloadStats:
@@ -427,26 +528,22 @@ def download_thumbnails(
         skipped_by_reason=dict(plan.skipped_by_reason),
     )
     store = ThumbnailStore(settings.thumbnail_store)
-    session = download_session(settings)
     progress = Progress("download", total=len(plan.tasks), unit="thumbnails", log=log)
     reasons: Counter[str] = Counter()
     batch: list[DownloadResult] = []
     last_write = time.monotonic()
-    with session:
-        for result, stored_new in bounded_map(
-            lambda t: download_one(t, session, store, settings), plan.tasks, settings.download_workers
-        ):
-            batch.append(result)
-            if result.status == "ok":
-                stats.fetched += 1
-                stats.stored_new += stored_new
-            else:
-                stats.failed += 1
-                reasons[reason_kind(result.error or "")] += 1
-            progress.advance()
-            if len(batch) >= WRITE_BATCH or time.monotonic() - last_write > WRITE_EVERY_S:
-                record_results(settings.db_url, batch)
-                batch, last_write = [], time.monotonic()
+    for result, stored_new in iter_downloads(plan.tasks, store, settings):
+        batch.append(result)
+        if result.status == "ok":
+            stats.fetched += 1
+            stats.stored_new += stored_new
+        else:
+            stats.failed += 1
+            reasons[reason_kind(result.error or "")] += 1
+        progress.advance()
+        if len(batch) >= WRITE_BATCH or time.monotonic() - last_write > WRITE_EVERY_S:
+            record_results(settings.db_url, batch)
+            batch, last_write = [], time.monotonic()
     record_results(settings.db_url, batch)
     stats.failures_by_reason = dict(reasons)
     progress.finish(
