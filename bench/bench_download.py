@@ -8,7 +8,8 @@ once before any timing: the figures measure the downloaders, not the renderer.
 
 The pipeline timing covers the whole task: planning from the database, fetching,
 full decode and validation, content-addressed storage and recording every row.
-The sequential loop only fetches (`requests.get(url).content`).
+The sequential loop only fetches (`requests.get(url).content`). Pipeline figures are the
+median of `--repeat` runs, each into an empty table and a new store.
 
     python bench/bench_download.py                 # 600 thumbnails, ~1 minute on 2 cores
     python bench/bench_download.py --quick         # 200 thumbnails
@@ -21,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,7 +112,10 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=600, help="thumbnails to fetch (default 600)")
     parser.add_argument("--quick", action="store_true", help="200 thumbnails")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="added per request (default 20)")
-    parser.add_argument("--workers", default="", help="comma-separated pool sizes (default: the setting's)")
+    parser.add_argument("--workers", default="", help="comma-separated concurrency (default: the setting's)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="pipeline runs per setting; the median is shown"
+    )
     args = parser.parse_args()
     models = 200 if args.quick else args.models
     logging.basicConfig(level=logging.WARNING)
@@ -137,9 +142,12 @@ def main() -> int:
                 flush=True,
             )
             rows = [("sequential requests.get loop (fetch only)", sequential_loop(urls))]
-            for n, w in enumerate(workers):
-                seconds = pipeline_run(base, workdir / f"store-{n}", w, len(urls))
-                rows.append((f"download_thumbnails, {w} concurrent (+ validate, store, record)", seconds))
+            for w in workers:
+                runs = [
+                    pipeline_run(base, workdir / f"store-{w}-{k}", w, len(urls)) for k in range(args.repeat)
+                ]
+                label = f"download_thumbnails, {w} concurrent (+ validate, store, record)"
+                rows.append((label, statistics.median(runs)))
         finally:
             server.terminate()
             server.wait(timeout=10)

@@ -239,3 +239,17 @@ def test_task_edge_backfill_window_params_and_checkpoint_key(monkeypatch):
     )
     assert asked == [filters], "the watermark of the crawled selection is used"
     assert tasks.checkpoint_key(context("manual")) == "dag/manual__1"
+
+
+def test_crawl_and_download_settings_are_checked():
+    from sketchfab_similarity.settings import Settings, parse_variable
+
+    with pytest.raises(ValueError, match="between 1 and 24"):
+        Settings(page_size=25)
+    with pytest.raises(ValueError, match="retry counts must be >= 0"):
+        Settings(api_retries=-1)
+    assert parse_variable("similarity_thumbnail_private_hosts", "Mirror.Internal, ::1") == (
+        "mirror.internal",
+        "::1",
+    )
+    assert parse_variable("similarity_api_retries", "2") == 2

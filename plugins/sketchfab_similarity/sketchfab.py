@@ -195,19 +195,6 @@ class SketchfabClient:
             raise SketchfabAPIError(f"{self.redact(url)}: 'next' is not a URL: {str(next_url)[:80]!r}")
         return Page(url=url, results=body["results"], next_url=next_url or None)
 
-    def iter_pages(self, first_url: str):
-        """Follow `next` links from `first_url`; only links on the configured scheme and host."""
-        url: str | None = first_url
-        while url:
-            page = self.get_page(url)
-            yield page
-            url = page.next_url
-
-    def get_model(self, uid: str) -> dict[str, Any] | None:
-        """One model, or None when it is gone (404)."""
-        body = self.get_json(f"{self.base_url}/v3/models/{uid}", allow_404=True)
-        return body if isinstance(body, dict) else None
-
     def check_same_origin(self, url: str) -> None:
         parts = urlsplit(url)
         if (parts.scheme, parts.netloc.lower()) != self._origin:

@@ -155,9 +155,14 @@ class ThumbnailStore:
             if parent not in self._made_dirs:
                 os.makedirs(parent, exist_ok=True)
                 self._made_dirs.add(parent)
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             return True
         if self.fs.exists(path):
             return False
@@ -532,19 +537,21 @@ def download_thumbnails(
     reasons: Counter[str] = Counter()
     batch: list[DownloadResult] = []
     last_write = time.monotonic()
-    for result, stored_new in iter_downloads(plan.tasks, store, settings):
-        batch.append(result)
-        if result.status == "ok":
-            stats.fetched += 1
-            stats.stored_new += stored_new
-        else:
-            stats.failed += 1
-            reasons[reason_kind(result.error or "")] += 1
-        progress.advance()
-        if len(batch) >= WRITE_BATCH or time.monotonic() - last_write > WRITE_EVERY_S:
-            record_results(settings.db_url, batch)
-            batch, last_write = [], time.monotonic()
-    record_results(settings.db_url, batch)
+    try:
+        for result, stored_new in iter_downloads(plan.tasks, store, settings):
+            batch.append(result)
+            if result.status == "ok":
+                stats.fetched += 1
+                stats.stored_new += stored_new
+            else:
+                stats.failed += 1
+                reasons[reason_kind(result.error or "")] += 1
+            progress.advance()
+            if len(batch) >= WRITE_BATCH or time.monotonic() - last_write > WRITE_EVERY_S:
+                record_results(settings.db_url, batch)
+                batch, last_write = [], time.monotonic()
+    finally:
+        record_results(settings.db_url, batch)  # what finished is kept even if the run breaks off
     stats.failures_by_reason = dict(reasons)
     progress.finish(
         f"{stats.fetched} ok ({stats.stored_new} new files), {stats.failed} failed {dict(reasons)}, "
