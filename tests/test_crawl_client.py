@@ -12,6 +12,7 @@ import pytest
 import requests
 from sketchfab_similarity import crawl, sketchfab, tasks
 from sketchfab_similarity.crawl import Checkpoint, CrawlFilters, CrawlStats, CrawlWindow, classify_page
+from sketchfab_similarity.settings import Settings, parse_variable
 from sketchfab_similarity.sketchfab import SketchfabAPIError, SketchfabClient, make_retry
 from urllib3 import HTTPResponse
 
@@ -242,8 +243,6 @@ def test_task_edge_backfill_window_params_and_checkpoint_key(monkeypatch):
 
 
 def test_crawl_and_download_settings_are_checked():
-    from sketchfab_similarity.settings import Settings, parse_variable
-
     with pytest.raises(ValueError, match="between 1 and 24"):
         Settings(page_size=25)
     with pytest.raises(ValueError, match="retry counts must be >= 0"):
