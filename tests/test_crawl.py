@@ -37,7 +37,7 @@ def crawl_settings(make_settings):
 
 
 def execute(db_url: str, sql: str, params: tuple = ()) -> None:
-    """A committed statement (helpers.query only reads)."""
+    """Run one statement and commit it (`query` only reads)."""
     url = make_url(db_url)
     conn = psycopg2.connect(dbname=url.database, user=url.username, host=url.query["host"])
     try:
