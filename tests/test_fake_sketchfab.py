@@ -481,3 +481,54 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert f"api_base_url={info['api_base_url']}" in out and "media_host=localhost" in out
+
+
+def test_rate_limit_window_is_configurable_and_reset_is_not_early(catalog: Catalog) -> None:
+    faults = FaultConfig(rate_limit_per_minute=2, rate_limit_window_s=0.5)
+    with start_server(catalog, faults=faults) as srv:
+        url = f"{srv.api_base_url}/v3/models/{catalog.models[0].uid}"
+        started = time.time()
+        responses = [get(url) for _ in range(3)]
+        assert [r.status_code for r in responses] == [200, 200, 429]
+        assert all(int(r.headers["X-RateLimit-Reset"]) >= started + 0.5 for r in responses)
+        time.sleep(0.6)
+        assert get(url).status_code == 200
+
+
+def test_list_outage_after_n_listing_requests(catalog: Catalog) -> None:
+    with start_server(catalog, faults=FaultConfig(list_outage_after=2)) as srv:
+        statuses = [get(f"{srv.api_base_url}/v3/models", count=1).status_code for _ in range(4)]
+        assert statuses == [200, 200, 503, 503]
+        assert get(f"{srv.api_base_url}/v3/models/{catalog.models[0].uid}").status_code == 200
+        srv.set_faults(FaultConfig())
+        assert get(f"{srv.api_base_url}/v3/models", count=1).status_code == 200
+
+
+def test_media_errors_redirects_and_served_bodies(catalog: Catalog) -> None:
+    model = catalog.models[0]
+    thumb = f"/media/models/{model.uid}/thumbnails/256x144.jpeg"
+    with start_server(catalog, faults=FaultConfig(media_error_rate=0.5)) as srv:
+        statuses = [get(f"{srv.media_base_url}{thumb}").status_code for _ in range(4)]
+        assert statuses == [200, 500, 200, 503]
+        assert get(f"{srv.api_base_url}/v3/models", count=1).status_code == 200, "the API is unaffected"
+
+        srv.set_faults(FaultConfig(thumbnail_redirect="http://localhost:{port}{path}?redirected=1"))
+        hop = get(f"{srv.media_base_url}{thumb}")
+        assert (
+            hop.status_code == 302 and hop.headers["Location"] == f"{srv.media_base_url}{thumb}?redirected=1"
+        )
+        assert get(hop.headers["Location"]).headers["Content-Type"] == "image/jpeg"
+
+        srv.set_faults(FaultConfig(thumbnail_bodies={model.uid: ("image/png", b"\x89PNG fake")}))
+        served = get(f"{srv.media_base_url}{thumb}")
+        assert (served.status_code, served.headers["Content-Type"], served.content) == (
+            200,
+            "image/png",
+            b"\x89PNG fake",
+        )
+    parsed = FaultConfig.parse(
+        "media_error_rate=0.5,list_outage_after=3,rate_limit_window_s=2,thumbnail_redirect=x"
+    )
+    assert (parsed.media_error_rate, parsed.list_outage_after, parsed.rate_limit_window_s) == (0.5, 3, 2.0)
+    with pytest.raises(ValueError):
+        FaultConfig.parse("thumbnail_bodies=x")

@@ -3,33 +3,55 @@
 Retries and `Retry-After` handling come from urllib3's `Retry` (battle-tested,
 jittered exponential backoff) rather than a hand-written loop; this module adds
 what urllib3 cannot know: the cap on `Retry-After`, pacing on
-`X-RateLimit-Remaining`, the same-host rule for `next`, and envelope checks.
+`X-RateLimit-Remaining`, retrying a 200 that is not JSON (a proxy's error page),
+the same-origin rule for `next`, and envelope checks.
+
+The token travels in the `Authorization` header only. URLs are logged without
+their query string, and no header is ever logged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import random
+import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+if TYPE_CHECKING:
+    from .settings import Settings
+
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_PAGE_BYTES = 32 * 1024 * 1024
+"""A listing page is ~100 kB; anything near this is not a page we want to hold in memory."""
+MAX_PAGE_SIZE = 24
+"""The API's own maximum `count`."""
+RESET_MARGIN_S = 0.25
 
 
 class SketchfabAPIError(RuntimeError):
     """The API answered, but not with something we can use. The message says what and where."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class InvalidBody(SketchfabAPIError):
+    """A 200 whose body is not JSON (typically a proxy's HTML page): worth another try."""
+
 
 class CappedRetry(Retry):
-    """urllib3 Retry that never sleeps longer than `retry_after_cap` for one Retry-After."""
+    """urllib3 Retry that never sleeps longer than `retry_after_cap` for one Retry-After, and says why it waits."""
 
     retry_after_cap: float = 120.0
 
@@ -42,6 +64,40 @@ class CappedRetry(Retry):
         new.retry_after_cap = self.retry_after_cap
         return new
 
+    def increment(
+        self, method: Any = None, url: Any = None, response: Any = None, error: Any = None, **kw: Any
+    ):
+        new = super().increment(method, url, response, error, **kw)
+        pool = kw.get("_pool")
+        where = f"{getattr(pool, 'host', '?')}{(url or '').split('?')[0]}"
+        why = f"HTTP {response.status}" if response is not None and response.status else type(error).__name__
+        log.warning("GET %s: %s; retry %d of %s", where, why, len(new.history), self.total)
+        return new
+
+
+def make_retry(
+    *, retries: int, backoff_s: float, retry_after_cap_s: float, statuses: frozenset[int] = RETRY_STATUSES
+) -> CappedRetry:
+    """GET-only retries on connection errors and `statuses`, exponential backoff with jitter, no redirects."""
+    retry = CappedRetry(
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=0,
+        status_forcelist=statuses,
+        allowed_methods=frozenset({"GET"}),
+        backoff_factor=backoff_s,
+        backoff_jitter=backoff_s,
+        backoff_max=60.0,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        redirect=0,
+        raise_on_redirect=False,
+    )
+    retry.retry_after_cap = retry_after_cap_s
+    return retry
+
 
 def build_session(
     *,
@@ -52,21 +108,9 @@ def build_session(
     statuses: frozenset[int] = RETRY_STATUSES,
 ) -> requests.Session:
     """A pooled Session retrying GETs on connection errors, 429 and 5xx with jittered backoff."""
-    retry = CappedRetry(
-        total=retries,
-        connect=retries,
-        read=retries,
-        status=retries,
-        status_forcelist=statuses,
-        allowed_methods=frozenset({"GET"}),
-        backoff_factor=backoff_factor,
-        backoff_jitter=backoff_factor,
-        backoff_max=60.0,
-        respect_retry_after_header=True,
-        raise_on_status=False,
-        redirect=0,
+    retry = make_retry(
+        retries=retries, backoff_s=backoff_factor, retry_after_cap_s=retry_after_cap, statuses=statuses
     )
-    retry.retry_after_cap = retry_after_cap
     session = requests.Session()
     adapter = HTTPAdapter(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
     session.mount("http://", adapter)
@@ -91,8 +135,10 @@ class SketchfabClient:
         *,
         timeout_s: float = 20.0,
         session: requests.Session | None = None,
-        min_remaining: int = 1,
+        pace_below: int = 3,
         max_pace_sleep_s: float = 60.0,
+        body_retries: int = 2,
+        backoff_s: float = 0.5,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
@@ -104,33 +150,50 @@ class SketchfabClient:
         self.session.headers["Accept"] = "application/json"
         if token:
             self.session.headers["Authorization"] = f"Token {token}"
-        self.min_remaining = min_remaining
+        self.pace_below = pace_below
         self.max_pace_sleep_s = max_pace_sleep_s
+        self.body_retries = body_retries
+        self.backoff_s = backoff_s
         self.requests_made = 0
+        self.paced_s = 0.0
 
-    def models_url(self, *, sort_by: str = "-publishedAt", count: int = 24, **filters: Any) -> str:
-        params = {"sort_by": sort_by, "count": count}
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SketchfabClient:
+        session = build_session(
+            retries=settings.api_retries,
+            backoff_factor=settings.api_backoff_s,
+            retry_after_cap=settings.api_retry_after_cap_s,
+            pool_size=2,
+        )
+        return cls(
+            settings.api_base_url,
+            settings.api_token,
+            timeout_s=settings.http_timeout_s,
+            session=session,
+            pace_below=settings.api_pace_below,
+            max_pace_sleep_s=settings.api_max_pace_sleep_s,
+            body_retries=settings.api_body_retries,
+            backoff_s=settings.api_backoff_s,
+        )
+
+    def models_url(self, *, sort_by: str = "-publishedAt", count: int = MAX_PAGE_SIZE, **filters: Any) -> str:
+        params: dict[str, Any] = {"sort_by": sort_by, "count": min(max(count, 1), MAX_PAGE_SIZE)}
         params.update({k: v for k, v in filters.items() if v not in (None, "", [])})
-        return f"{self.base_url}/v3/models?{urlencode(params, doseq=False)}"
+        return f"{self.base_url}/v3/models?{urlencode(params)}"
 
-    def iter_pages(self, first_url: str) -> Iterator[Page]:
-        """Follow `next` links from `first_url`; only links on the configured scheme and host."""
-        url: str | None = first_url
-        while url:
-            self.check_same_origin(url)
-            body = self.get_json(url)
-            if not isinstance(body, dict) or not isinstance(body.get("results"), list):
-                raise SketchfabAPIError(f"{self.redact(url)}: expected a listing envelope with 'results'")
-            next_url = body.get("next")
-            if next_url is not None and not isinstance(next_url, str):
-                raise SketchfabAPIError(f"{self.redact(url)}: 'next' is not a URL: {next_url!r}")
-            yield Page(url=url, results=body["results"], next_url=next_url or None)
-            url = next_url or None
-
-    def get_model(self, uid: str) -> dict[str, Any] | None:
-        """One model, or None when it is gone (404)."""
-        body = self.get_json(f"{self.base_url}/v3/models/{uid}", allow_404=True)
-        return body if isinstance(body, dict) else None
+    def get_page(self, url: str) -> Page:
+        """One listing page; `url` must be on the configured origin, the body a listing envelope."""
+        self.check_same_origin(url)
+        body = self.get_json(url)
+        if not isinstance(body, dict) or not isinstance(body.get("results"), list):
+            keys = sorted(body)[:10] if isinstance(body, dict) else type(body).__name__
+            raise SketchfabAPIError(
+                f"{self.redact(url)}: expected a listing envelope with a 'results' list, got {keys}"
+            )
+        next_url = body.get("next")
+        if next_url is not None and not isinstance(next_url, str):
+            raise SketchfabAPIError(f"{self.redact(url)}: 'next' is not a URL: {str(next_url)[:80]!r}")
+        return Page(url=url, results=body["results"], next_url=next_url or None)
 
     def check_same_origin(self, url: str) -> None:
         parts = urlsplit(url)
@@ -141,35 +204,82 @@ class SketchfabClient:
             )
 
     def get_json(self, url: str, *, allow_404: bool = False) -> Any:
+        """GET and decode JSON. A 200 that is not JSON is retried `body_retries` times, then an error."""
+        attempt = 0
+        while True:
+            status, ctype, body = self._get(url)
+            if allow_404 and status == 404:
+                return None
+            self._check_status(url, status, body)
+            try:
+                return self._decode(url, ctype, body)
+            except InvalidBody as exc:
+                if attempt >= self.body_retries:
+                    raise SketchfabAPIError(f"{exc} (still so after {attempt + 1} attempts)", 200) from None
+                attempt += 1
+                delay = self.backoff_s * 2 ** (attempt - 1) + random.uniform(0, self.backoff_s)
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+
+    def _get(self, url: str) -> tuple[int, str, bytes]:
+        """One GET (urllib3 retries included), body read under a byte cap."""
         try:
-            resp = self.session.get(url, timeout=self.timeout_s, allow_redirects=False)
+            resp = self.session.get(url, timeout=self.timeout_s, allow_redirects=False, stream=True)
         except requests.RequestException as exc:
-            raise SketchfabAPIError(f"GET {self.redact(url)} failed after retries: {exc}") from exc
-        self.requests_made += 1
-        self._pace(resp)
-        if allow_404 and resp.status_code == 404:
-            return None
-        if resp.status_code in (401, 403):
             raise SketchfabAPIError(
-                f"GET {self.redact(url)}: HTTP {resp.status_code}; check the sketchfab_api connection's token"
-            )
-        if resp.status_code != 200:
+                f"GET {self.redact(url)} failed after retries: {type(exc).__name__}: {_short(exc)}"
+            ) from None
+        with resp:
+            self.requests_made += 1
+            chunks, size = [], 0
+            try:
+                for chunk in resp.iter_content(256 * 1024):
+                    size += len(chunk)
+                    if size > MAX_PAGE_BYTES:
+                        raise SketchfabAPIError(
+                            f"GET {self.redact(url)}: response larger than {MAX_PAGE_BYTES} bytes"
+                        )
+                    chunks.append(chunk)
+            except requests.RequestException as exc:
+                raise SketchfabAPIError(
+                    f"GET {self.redact(url)}: connection lost while reading: {type(exc).__name__}"
+                ) from None
+            self._pace(resp)
+            return resp.status_code, resp.headers.get("Content-Type", ""), b"".join(chunks)
+
+    def _check_status(self, url: str, status: int, body: bytes) -> None:
+        where = f"GET {self.redact(url)}"
+        if status == 200:
+            return
+        if status in (401, 403):
             raise SketchfabAPIError(
-                f"GET {self.redact(url)}: HTTP {resp.status_code} after retries: {resp.text[:200]!r}"
+                f"{where}: HTTP {status}; check the sketchfab_api connection's token", status
             )
-        ctype = resp.headers.get("Content-Type", "")
+        if 300 <= status < 400:
+            raise SketchfabAPIError(
+                f"{where}: HTTP {status} redirect, which the crawler does not follow; "
+                f"check the sketchfab_api connection's base URL",
+                status,
+            )
+        hint = " after retries (a retry of the task resumes from the checkpoint)" if status >= 429 else ""
+        snippet = body[:200].decode("utf-8", "replace")
+        raise SketchfabAPIError(f"{where}: HTTP {status}{hint}: {snippet!r}", status)
+
+    def _decode(self, url: str, ctype: str, body: bytes) -> Any:
         if "json" not in ctype.lower():
-            raise SketchfabAPIError(
+            snippet = body[:120].decode("utf-8", "replace")
+            raise InvalidBody(
                 f"GET {self.redact(url)}: expected JSON, got {ctype or 'no content type'} "
-                f"(a proxy error page?): {resp.text[:120]!r}"
+                f"(a proxy error page?): {snippet!r}",
+                200,
             )
         try:
-            return resp.json()
+            return json.loads(body)
         except ValueError as exc:
-            raise SketchfabAPIError(f"GET {self.redact(url)}: invalid JSON: {exc}") from exc
+            raise InvalidBody(f"GET {self.redact(url)}: invalid JSON: {exc}", 200) from None
 
     def _pace(self, resp: requests.Response) -> None:
-        """Sleep until the window resets when the server says we are about to be throttled."""
+        """Spread the requests left in the rate-limit window over the time until it resets."""
         remaining = resp.headers.get("X-RateLimit-Remaining")
         reset = resp.headers.get("X-RateLimit-Reset")
         if remaining is None or reset is None:
@@ -178,13 +288,15 @@ class SketchfabClient:
             remaining_n, reset_s = int(remaining), float(reset)
         except ValueError:
             return
-        if remaining_n >= self.min_remaining:
+        if remaining_n >= self.pace_below:
             return
-        # Reset may be an epoch timestamp or seconds from now; both are seen in the wild.
-        wait = reset_s - time.time() if reset_s > 1e9 else reset_s
-        wait = max(0.0, min(wait, self.max_pace_sleep_s))
+        # Reset may be an epoch timestamp or seconds from now; both are seen in the wild. It is given
+        # in whole seconds, so aim a little past it.
+        until_reset = (reset_s - time.time() if reset_s > 1e9 else reset_s) + RESET_MARGIN_S
+        wait = max(0.0, min(until_reset / (remaining_n + 1), self.max_pace_sleep_s))
         if wait:
-            log.info("Rate limit nearly spent (remaining=%s); pausing %.1fs", remaining_n, wait)
+            log.info("Rate limit: %d requests left in the window; pausing %.1fs", remaining_n, wait)
+            self.paced_s += wait
             time.sleep(wait)
 
     @staticmethod
@@ -192,3 +304,8 @@ class SketchfabClient:
         """URLs are logged without query-string secrets (a token must never travel in a URL)."""
         parts = urlsplit(url)
         return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?…" if parts.query else "")
+
+
+def _short(exc: Exception) -> str:
+    """Exception text without query strings (requests puts the full URL into its messages)."""
+    return re.sub(r"\?\S*", "?…", str(exc))[:300]

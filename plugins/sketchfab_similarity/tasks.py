@@ -100,7 +100,9 @@ def start_run(context: dict[str, Any]) -> bool:
     return decision.acquired
 
 
-def crawl_window(context: dict[str, Any], settings: Settings) -> crawl.CrawlWindow:
+def crawl_window(
+    context: dict[str, Any], settings: Settings, filters: crawl.CrawlFilters = crawl.NO_FILTERS
+) -> crawl.CrawlWindow:
     """Backfills take exactly their data interval; other runs continue from the watermark."""
     run_type = getattr(context["dag_run"], "run_type", None)
     if getattr(run_type, "value", run_type) == "backfill":
@@ -108,7 +110,27 @@ def crawl_window(context: dict[str, Any], settings: Settings) -> crawl.CrawlWind
         if start is None or end is None:
             raise ValueError("A backfill run needs a data interval (give the DAG a schedule)")
         return crawl.CrawlWindow(since=start, until=end, incremental=False)
-    return crawl.incremental_window(settings.db_url, timedelta(minutes=settings.crawl_overlap_minutes))
+    overlap = timedelta(minutes=settings.crawl_overlap_minutes)
+    return crawl.incremental_window(settings.db_url, overlap, filters)
+
+
+def crawl_filters(params: dict[str, Any]) -> crawl.CrawlFilters:
+    tags = params.get("tags") or ()
+    if isinstance(tags, str):
+        tags = [t for t in tags.split(",") if t.strip()]
+    max_models = params.get("max_models")
+    return crawl.CrawlFilters(
+        categories=params.get("categories") or None,
+        tags=tuple(t.strip() for t in tags),
+        min_likes=int(params.get("min_likes") or 0),
+        max_models=int(max_models) if max_models is not None else None,
+    )
+
+
+def checkpoint_key(context: dict[str, Any]) -> str:
+    """One crawl per DAG run: a retry of the task (same run) resumes where the last try stopped."""
+    dag_run = context["dag_run"]
+    return f"{dag_run.dag_id}/{dag_run.run_id}"
 
 
 def crawl_models(context: dict[str, Any]) -> dict[str, Any]:
@@ -116,16 +138,11 @@ def crawl_models(context: dict[str, Any]) -> dict[str, Any]:
     log.info("settings: %s", describe(settings))
     applied = db.apply_schema(settings.db_url)
     log.info("schema applied: %s", ", ".join(applied))
-    params = context.get("params") or {}
-    filters = crawl.CrawlFilters(
-        categories=params.get("categories") or None,
-        tags=tuple(params.get("tags") or ()),
-        min_likes=int(params.get("min_likes") or 0),
-        max_models=params.get("max_models"),
-    )
-    window = crawl_window(context, settings)
-    log.info("crawl window: since=%s until=%s filters=%s", window.since, window.until, filters)
-    return asdict(crawl.crawl(settings, window, filters))
+    filters = crawl_filters(context.get("params") or {})
+    window = crawl_window(context, settings, filters)
+    key = checkpoint_key(context)
+    log.info("crawl %s: window since=%s until=%s, %s", key, window.since, window.until, filters)
+    return asdict(crawl.crawl(settings, window, filters, checkpoint_key=key))
 
 
 def _shard_plan(stage: str, pending: int, shard_size: int, max_shards: int) -> list[dict[str, int]]:

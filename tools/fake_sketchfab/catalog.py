@@ -69,12 +69,18 @@ class FaultConfig:
     rate_limit_burst: int = 3  # length of each burst
     retry_after_s: int = 1  # Retry-After of burst 429s
     rate_limit_per_minute: int = 0  # enforce a real fixed-window limit (429 until the window resets)
+    rate_limit_window_s: float = 60.0  # length of that window (shorter in tests)
     server_error_rate: float = 0.0  # fraction of API requests answered 500/502/503, evenly spaced
+    list_outage_after: int = 0  # after N listing requests, every further one gets 503 (an outage)
     html_200_every: int = 0  # every Nth listing request gets a 200 text/html proxy page
     shift_on_page: int = 0  # after serving listing page K (1-based) the first time, publish...
     shift_publish: int = 5  # ...this many new models, so later offset pages overlap
     offsite_next_on_page: int = 0  # page K's `next` URL points at another host
     disappearing_uids: frozenset[str] = frozenset()  # listed, but 404 on detail
+    media_error_rate: float = 0.0  # fraction of thumbnail requests answered 503/500, evenly spaced
+    thumbnail_redirect: str = ""  # 302 every thumbnail request without `redirected` in its query to
+    # this Location, formatted with {port} and {path} (e.g. "http://127.0.0.2:{port}{path}")
+    thumbnail_bodies: Mapping[str, tuple[str, bytes]] = field(default_factory=dict)  # uid -> (type, body)
     # Catalog, at generation.
     broken_thumbnails: bool = False  # give a fraction of models a ThumbnailFault, every kind used
     broken_thumbnail_fraction: float = 0.2
@@ -93,7 +99,7 @@ class FaultConfig:
         for item in filter(None, (part.strip() for part in spec.split(","))):
             name, has_value, raw = item.partition("=")
             name = name.strip()
-            if name not in known or name == "thumbnail_faults":
+            if name not in known or name in ("thumbnail_faults", "thumbnail_bodies"):
                 raise ValueError(f"unknown or non-CLI fault {name!r}; known: {sorted(known)}")
             default = cls.__dataclass_fields__[name].default
             if isinstance(default, bool):

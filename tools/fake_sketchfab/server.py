@@ -173,6 +173,7 @@ class _State:
             self.burst_left = 0
             self.error_count = 0
             self.list_count = 0
+            self.media_count = 0
             self.shift_armed = faults.shift_on_page > 0
             self.window_start = time.monotonic()
             self.window_count = 0
@@ -228,7 +229,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif match := _DETAIL_RE.fullmatch(url.path):
             route, response = "detail", self._api(lambda: self._detail(match["uid"]))
         elif match := _THUMB_RE.fullmatch(url.path):
-            route, response = "thumbnail", self._thumbnail(match["uid"], int(match["w"]), int(match["h"]))
+            route = "thumbnail"
+            response = self._media_gate(url.query) or self._thumbnail(
+                match["uid"], int(match["w"]), int(match["h"])
+            )
         else:
             route, response = "other", _json(404, _NOT_FOUND)
         st.stats.record(route, response.status)
@@ -250,15 +254,17 @@ class _Handler(BaseHTTPRequestHandler):
         with st.lock:
             faults = st.faults
             now = time.monotonic()
-            if now - st.window_start >= 60:
+            if now - st.window_start >= faults.rate_limit_window_s:
                 st.window_start, st.window_count = now, 0
             st.window_count += 1
             limit = faults.rate_limit_per_minute or UNLIMITED_RATE
-            reset_in = max(1, math.ceil(st.window_start + 60 - now))
+            window_left = st.window_start + faults.rate_limit_window_s - now
+            reset_in = max(1, math.ceil(window_left))
             headers = {
                 "X-RateLimit-Limit": str(limit),
                 "X-RateLimit-Remaining": str(max(limit - st.window_count, 0)),
-                "X-RateLimit-Reset": str(int(time.time()) + reset_in),  # epoch seconds
+                # Epoch seconds, rounded up: a client sleeping until then finds the window reset.
+                "X-RateLimit-Reset": str(math.ceil(time.time() + window_left)),
             }
             throttled = {"detail": "Request was throttled."}
             if faults.rate_limit_per_minute and st.window_count > faults.rate_limit_per_minute:
@@ -297,6 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.list_count += 1
             faults = st.faults
+            if faults.list_outage_after and st.list_count > faults.list_outage_after:
+                return _json(503, {"detail": "Service temporarily unavailable."})
             if faults.html_200_every and st.list_count % faults.html_200_every == 0:
                 return _Response(200, _PROXY_PAGE, "text/html; charset=utf-8")
             entries = [m for m in st.sorted_listing(sort_by) if match(m)][:LISTING_CAP]
@@ -337,12 +345,31 @@ class _Handler(BaseHTTPRequestHandler):
                 return _json(404, _NOT_FOUND)
         return _json(200, Catalog.model_json(model, st.api_base_url, st.media_base_url))
 
+    def _media_gate(self, query: str) -> _Response | None:
+        """Media-host faults that do not depend on the model: transient errors and redirects."""
+        st = self.state
+        with st.lock:
+            faults = st.faults
+            st.media_count += 1
+            rate = faults.media_error_rate
+            if rate > 0 and math.floor(st.media_count * rate) > math.floor((st.media_count - 1) * rate):
+                status = (503, 500)[math.floor(st.media_count * rate) % 2]
+                return _Response(status, b"upstream unavailable", "text/plain")
+        redirected = any(key == "redirected" for key, _ in parse_qsl(query, keep_blank_values=True))
+        if faults.thumbnail_redirect and not redirected:
+            location = faults.thumbnail_redirect.format(port=st.port, path=self.path)
+            return _Response(302, b"", "text/plain", {"Location": location})
+        return None
+
     def _thumbnail(self, uid: str, width: int, height: int) -> _Response:
         st = self.state
         with st.lock:
             model = st.catalog.by_uid.get(uid) if st.catalog.is_live(uid) else None
         if model is None or not any((t.width, t.height) == (width, height) for t in model.thumbnails):
             return _Response(404, b"Not Found", "text/plain")
+        if uid in st.faults.thumbnail_bodies:
+            content_type, body = st.faults.thumbnail_bodies[uid]
+            return _Response(200, body, content_type)
         fault = model.thumbnail_fault
         if fault in (ThumbnailFault.NO_THUMBNAILS, ThumbnailFault.NOT_FOUND):
             return _Response(404, b"Not Found", "text/plain")
