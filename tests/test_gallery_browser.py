@@ -78,11 +78,13 @@ def test_search_a_model_and_see_its_look_alikes(browser, served):
     target = data.catalog.models[3]
     browser.type(browser.find("input[name=q]"), target.name[:12])
     browser.click(browser.find("header button[type=submit]"))
+    browser.wait_for_url(f"{base}/search")
     browser.wait_for("h1")
     assert "matching" in browser.text(browser.find("h1"))
     hit = next(e for e in browser.find_all("figure") if browser.attribute(e, "data-uid") == target.uid)
     browser.click(browser.find_all("figure a")[browser.find_all("figure").index(hit)])
 
+    browser.wait_for_url(f"{base}/models/")
     browser.wait_for("figure.big")
     assert browser.current_url == f"{base}/models/{target.uid}"
     assert browser.text(browser.find("h1")) == target.name

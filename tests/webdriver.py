@@ -131,6 +131,15 @@ class Chromium:
                 raise WebDriverError(f"no element matches {css!r} after {timeout_s} s at {self.current_url}")
             time.sleep(0.1)
 
+    def wait_for_url(self, prefix: str, timeout_s: float = 15) -> str:
+        """After a click: wait for the navigation itself, so the old page's elements are not mistaken for the new."""
+        deadline = time.monotonic() + timeout_s
+        while not (url := self.current_url).startswith(prefix):
+            if time.monotonic() > deadline:
+                raise WebDriverError(f"still at {url} after {timeout_s} s, expected {prefix}...")
+            time.sleep(0.1)
+        return url
+
     def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(self._call("GET", "/screenshot")))
