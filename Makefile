@@ -21,7 +21,7 @@ $(STAMP): requirements.txt constraints.txt
 
 ## The whole pipeline end to end on embedded defaults, then recommendations and an HTML gallery.
 demo: setup
-	$(PY) tools/demo.py
+	$(PY) tools/demo.py $(DEMO_ARGS)
 
 ## Every test (unit and integration: embedded Postgres, loopback HTTP, TensorFlow, Airflow,
 ## headless Chromium when installed; REQUIRE_BROWSER=1 makes a missing browser an error).

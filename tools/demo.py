@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import devenv
-from fake_sketchfab import Catalog, start_server
+from fake_sketchfab import Catalog
 from sketchfab_similarity.gallery import recent_models, render_html, similar_models, stored_paths
 from sketchfab_similarity.thumbnails import ThumbnailStore
 
@@ -39,6 +40,12 @@ def main() -> None:
     )
     parser.add_argument("--show", type=int, default=4, help="how many query models to print")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "demo")
+    parser.add_argument(
+        "--api-port", type=int, default=devenv.DEMO_API_PORT, help="demo server port (0: any free port)"
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="start over: empty the similarity database and thumbnail store"
+    )
     args = parser.parse_args()
 
     if args.weights == "random":
@@ -51,8 +58,17 @@ def main() -> None:
         banner(f"VGG16 weights: {args.weights}")
 
     db_uri = devenv.start_postgres(ROOT / ".pgdata")
+    if args.fresh:
+        devenv.reset_database(db_uri)
+        shutil.rmtree(args.data, ignore_errors=True)
+    elif existing := devenv.count_models(db_uri):
+        print(
+            f"Reusing the database of an earlier demo ({existing} models): this run adds only what is new. "
+            f"`make demo DEMO_ARGS=--fresh` starts over.",
+            flush=True,
+        )
     catalog = Catalog.generate(args.models, seed=args.seed)
-    with start_server(catalog) as server:
+    with devenv.start_demo_server(catalog, args.api_port) as server:
         print(f"Sketchfab-compatible demo server: {server.api_base_url} ({args.models} models)", flush=True)
         store = args.data / "thumbnails"
         env = devenv.airflow_env(

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "sketchfab_visual_similarity"
@@ -35,6 +36,50 @@ def start_postgres(data_dir: Path) -> str:
 def sqlalchemy_url(libpq_uri: str) -> str:
     """The embedded server's libpq URI as a SQLAlchemy URL (psycopg2 driver)."""
     return libpq_uri.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+DEMO_API_PORT = 8765
+"""The bundled demo server's port for `make demo` and `make airflow`: stable, so thumbnail URLs
+stored by one run still resolve in the next."""
+
+
+def start_demo_server(catalog: Any, port: int = DEMO_API_PORT) -> Any:
+    """Start the bundled Sketchfab-compatible server; an ephemeral port if `port` is taken."""
+    from fake_sketchfab import start_server
+
+    try:
+        return start_server(catalog, port=port)
+    except OSError as exc:
+        print(f"Port {port} is busy ({exc.strerror}); the demo server takes a free port instead. Thumbnail "
+              "URLs stored by earlier runs will be fetched again.", flush=True)  # fmt: skip
+        return start_server(catalog, port=0)
+
+
+def reset_database(db_uri: str) -> None:
+    """Drop every table of the similarity database (the demo's `--fresh`)."""
+    import psycopg2
+
+    conn = psycopg2.connect(db_uri)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+    conn.close()
+
+
+def count_models(db_uri: str) -> int:
+    """Models already in the similarity database (0 when the schema does not exist yet)."""
+    import psycopg2
+
+    conn = psycopg2.connect(db_uri)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('sketchfab_models') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                return 0
+            cur.execute("SELECT count(*) FROM sketchfab_models")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
 
 
 def stop_postgres(data_dir: Path) -> None:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import devenv
-from fake_sketchfab import Catalog, start_server
+from fake_sketchfab import Catalog
 
 
 def main() -> None:
@@ -42,6 +42,9 @@ def main() -> None:
         "--thumbnail-hosts", default="localhost", help="with --sketchfab-url: allowed media hosts"
     )
     parser.add_argument("--thumbnails", type=Path, default=devenv.ROOT / "data" / "demo" / "thumbnails")
+    parser.add_argument(
+        "--api-port", type=int, default=devenv.DEMO_API_PORT, help="demo server port (0: any free port)"
+    )
     args = parser.parse_args()
 
     db_uri = args.db_uri or devenv.start_postgres(devenv.ROOT / ".pgdata")
@@ -49,7 +52,9 @@ def main() -> None:
         if args.sketchfab_url:
             api_base_url, media_host = args.sketchfab_url, args.thumbnail_hosts
         else:
-            server = stack.enter_context(start_server(Catalog.generate(args.models)))
+            server = stack.enter_context(
+                devenv.start_demo_server(Catalog.generate(args.models), args.api_port)
+            )
             api_base_url, media_host = server.api_base_url, server.media_host
             print(f"Sketchfab-compatible demo server: {api_base_url} ({args.models} models)", flush=True)
         env = devenv.airflow_env(
