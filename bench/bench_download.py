@@ -35,13 +35,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "tools")]
 
 import devenv  # noqa: E402
-import psycopg2  # noqa: E402
 import requests  # noqa: E402
 from sketchfab_similarity import crawl, db, thumbnails  # noqa: E402
 from sketchfab_similarity.settings import Settings  # noqa: E402
 
 TARGET_RATIO = 20.0
 TARGET_RATE = 300.0
+
+
+def new_bench_database(libpq_uri: str) -> str:
+    url, _ = devenv.create_database(libpq_uri, "bench_download")
+    db.apply_schema(url)
+    return url
 
 
 def start_fake_server(models: int, latency_ms: float, workdir: Path) -> tuple[subprocess.Popen, dict]:
@@ -57,19 +62,6 @@ def start_fake_server(models: int, latency_ms: float, workdir: Path) -> tuple[su
             raise RuntimeError("the fake Sketchfab server did not start")
         time.sleep(0.05)
     return proc, json.loads(ready.read_text())
-
-
-def fresh_database(libpq_uri: str, name: str) -> str:
-    socket_dir = libpq_uri.split("host=", 1)[1]
-    conn = psycopg2.connect(dbname="postgres", user="postgres", host=socket_dir)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    url = f"postgresql+psycopg2://postgres@/{name}?host={socket_dir}"
-    db.apply_schema(url)
-    return url
 
 
 def chosen_urls(settings: Settings) -> list[str]:
@@ -126,7 +118,7 @@ def main() -> int:
         server, info = start_fake_server(models, args.latency_ms, workdir)
         try:
             base = Settings(
-                db_url=fresh_database(libpq_uri, "bench_download"),
+                db_url=new_bench_database(libpq_uri),
                 api_base_url=info["api_base_url"],
                 thumbnail_hosts=(info["media_host"],),
                 thumbnail_store=str(workdir / "unused"),

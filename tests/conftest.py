@@ -8,7 +8,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 # Airflow reads its home at import time: keep tests away from ~/airflow.
@@ -33,20 +32,10 @@ def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     devenv.stop_postgres(data_dir)
 
 
-def socket_dir(uri: str) -> str:
-    return uri.split("host=", 1)[1]
-
-
 @pytest.fixture
 def fresh_db(pg_uri: str) -> str:
     """SQLAlchemy URL of a new, empty database with the schema applied."""
-    name = f"test_{os.getpid()}_{next(_db_counter)}"
-    conn = psycopg2.connect(dbname="postgres", user="postgres", host=socket_dir(pg_uri))
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    url = f"postgresql+psycopg2://postgres@/{name}?host={socket_dir(pg_uri)}"
+    url, _ = devenv.create_database(pg_uri, f"test_{os.getpid()}_{next(_db_counter)}")
     db.apply_schema(url)
     return url
 

@@ -21,10 +21,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import devenv
-import psycopg2
 import pytest
 import requests
-from conftest import socket_dir
 from fake_sketchfab import Catalog, start_server
 from helpers import query
 from sketchfab_similarity import crawl, db, features, similarity, thumbnails, vectors
@@ -36,18 +34,6 @@ pytestmark = pytest.mark.integration
 FROM, TO = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 3, tzinfo=UTC)
 WINDOW_END = TO + timedelta(days=1)  # the last daily run's data interval ends a day after its logical date
 STARTUP_S, RUN_S, BACKFILL_S = 240, 300, 600
-
-
-def new_database(pg_uri: str, name: str) -> tuple[str, str]:
-    """(SQLAlchemy URL, libpq URI) of a new, empty database."""
-    host = socket_dir(pg_uri)
-    conn = psycopg2.connect(dbname="postgres", user="postgres", host=host)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    return f"postgresql+psycopg2://postgres@/{name}?host={host}", f"postgresql://postgres@/{name}?host={host}"
 
 
 def wait_until(what: str, timeout_s: float, check, log: Path, every_s: float = 2.0):
@@ -132,8 +118,8 @@ def one_long_run(settings: Settings) -> None:
 
 
 def test_make_airflow_serves_the_ui_gallery_and_runs_a_backfill(pg_uri, tmp_path):
-    backfill_db, backfill_uri = new_database(pg_uri, "backfill_target")
-    reference_db, _ = new_database(pg_uri, "backfill_reference")
+    backfill_db, backfill_uri = devenv.create_database(pg_uri, "backfill_target")
+    reference_db, _ = devenv.create_database(pg_uri, "backfill_reference")
     home, log = tmp_path / "airflow", tmp_path / "standalone.log"
     port = free_port()
     base = f"http://localhost:{port}"

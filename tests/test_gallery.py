@@ -5,6 +5,7 @@ from __future__ import annotations
 from html.parser import HTMLParser
 from pathlib import Path
 
+import devenv
 import pytest
 from fastapi.testclient import TestClient
 from gallery_fixtures import EVIL_NAME, EVIL_VIEWER_URL, WILDCARD_NAME, fill_database
@@ -153,19 +154,8 @@ def test_unknown_and_malformed_uids_get_404(client):
 
 
 def test_empty_database_explains_what_to_do(pg_uri, tmp_path):
-    import psycopg2
-    from conftest import socket_dir
-
-    conn = psycopg2.connect(dbname="postgres", user="postgres", host=socket_dir(pg_uri))
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute('DROP DATABASE IF EXISTS "gallery_empty"')
-        cur.execute('CREATE DATABASE "gallery_empty"')
-    conn.close()
-    settings = Settings(
-        db_url=f"postgresql+psycopg2://postgres@/gallery_empty?host={socket_dir(pg_uri)}",
-        thumbnail_store=str(tmp_path),
-    )
+    db_url, _ = devenv.create_database(pg_uri, "gallery_empty")
+    settings = Settings(db_url=db_url, thumbnail_store=str(tmp_path))
     client = TestClient(create_app(lambda: settings))
     resp = client.get("/")
     assert resp.status_code == 200 and "No run has finished yet" in resp.text

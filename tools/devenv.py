@@ -55,6 +55,23 @@ def start_demo_server(catalog: Any, port: int = DEMO_API_PORT) -> Any:
         return start_server(catalog, port=0)
 
 
+def create_database(server_uri: str, name: str) -> tuple[str, str]:
+    """A new, empty database on the embedded server (replacing one of that name).
+
+    Returns its SQLAlchemy URL and its libpq URI (the form an Airflow connection takes).
+    """
+    import psycopg2
+
+    host = server_uri.split("host=", 1)[1]
+    conn = psycopg2.connect(dbname="postgres", user="postgres", host=host)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return f"postgresql+psycopg2://postgres@/{name}?host={host}", f"postgresql://postgres@/{name}?host={host}"
+
+
 def reset_database(db_uri: str) -> None:
     """Drop every table of the similarity database (the demo's `--fresh`)."""
     import psycopg2
