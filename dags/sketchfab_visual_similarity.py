@@ -72,14 +72,18 @@ def sketchfab_visual_similarity():
         """Bulk-load the feature files into `model_embeddings` (pgvector)."""
         return tasks.load_vectors(get_current_context(), extracted)
 
+    # --- refresh_similarity: mapped over the parts load_vectors pushes (settings.refresh_parts);
+    # the last part to finish publishes model_similarity atomically.
     @task
-    def refresh_similarity() -> dict:
-        """Recompute the exact top-N table `model_similarity` and publish it atomically."""
-        return tasks.refresh_similarity(get_current_context())
+    def refresh_similarity(part: dict) -> dict:
+        """Bring the exact top-N table `model_similarity` up to date (incremental or full), publish atomically."""
+        return tasks.refresh_similarity(get_current_context(), part)
 
     extracted = extract_features()
     crawl_models() >> download_thumbnails() >> extracted
-    load_vectors(extracted) >> refresh_similarity()
+    loaded = load_vectors(extracted)
+    refresh_similarity.expand(part=loaded["refresh_parts"])
+    # --- end refresh_similarity
 
 
 sketchfab_visual_similarity()

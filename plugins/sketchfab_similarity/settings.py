@@ -65,6 +65,24 @@ class Settings:
     """A thumbnail that failed for a transient reason is retried on later runs up to this many times."""
     extract_batch_size: int = 32
     """Variable `similarity_extract_batch_size`: images per VGG16 forward pass."""
+    hnsw_m: int = 16
+    """HNSW graph degree of `model_embeddings_hnsw_idx` (pgvector default 16; higher: better recall, bigger index)."""
+    hnsw_ef_construction: int = 64
+    """HNSW build-time candidate list (pgvector default 64; higher: better graph, slower build)."""
+    hnsw_ef_search: int = 100
+    """Variable `similarity_hnsw_ef_search`: search-time candidate list of the index searches in
+    `similar_models()` (fallback) and `similar_to_vector()` (pgvector default 40; must be >= k)."""
+    hnsw_build_memory: str = "1GB"
+    """`maintenance_work_mem` while (re)building the HNSW index; a graph that fits builds several times faster."""
+    hnsw_rebuild_percent: int = 20
+    """When a load adds or changes more than this share of the table (in percent), the HNSW index is
+    dropped for the load and rebuilt afterwards (CONCURRENTLY): inserting into a live HNSW graph runs
+    at a few hundred vectors/s, a bulk build about five times faster."""
+    refresh_tile: int = 2048
+    """Rows x columns per block of the exact top-N matrix products (about tile^2 x 4 bytes per block)."""
+    refresh_parts: int = 1
+    """Variable `similarity_refresh_parts`: parallel mapped `refresh_similarity` tasks that each
+    compute a share of the top-N lists before one atomic publish."""
 
     def __post_init__(self) -> None:
         if self.input_size < 32:
@@ -73,6 +91,16 @@ class Settings:
             raise ValueError(f"similarity_top_n must be >= 1, got {self.top_n}")
         if not self.thumbnail_hosts:
             raise ValueError("similarity_thumbnail_hosts must name at least one host")
+        if self.hnsw_ef_search < 1 or self.hnsw_m < 2 or self.hnsw_ef_construction < 2 * self.hnsw_m:
+            raise ValueError(
+                "HNSW parameters need ef_search >= 1, m >= 2 and ef_construction >= 2 * m, got "
+                f"ef_search={self.hnsw_ef_search}, m={self.hnsw_m}, ef_construction={self.hnsw_ef_construction}"
+            )
+        if self.refresh_parts < 1 or self.refresh_tile < 32:
+            raise ValueError(
+                f"similarity_refresh_parts must be >= 1 and refresh_tile >= 32, got {self.refresh_parts}, "
+                f"{self.refresh_tile}"
+            )
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -89,6 +117,8 @@ VARIABLES: dict[str, str] = {
     "similarity_crawl_overlap_minutes": "crawl_overlap_minutes",
     "similarity_download_workers": "download_workers",
     "similarity_extract_batch_size": "extract_batch_size",
+    "similarity_hnsw_ef_search": "hnsw_ef_search",
+    "similarity_refresh_parts": "refresh_parts",
 }
 
 # libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).

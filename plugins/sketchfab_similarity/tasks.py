@@ -14,6 +14,7 @@ from typing import Any
 
 from . import crawl, db, features, similarity, thumbnails, vectors
 from .settings import Settings, describe, settings_from_airflow
+from .sharding import WHOLE, Shard
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,25 @@ def extract_features(context: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_vectors(context: dict[str, Any], extracted: dict[str, Any]) -> dict[str, Any]:
-    return asdict(vectors.load_vectors(settings_for(context), list(extracted.get("files") or [])))
-
-
-def refresh_similarity(context: dict[str, Any]) -> dict[str, Any]:
-    params = context.get("params") or {}
+    """Also pushes `refresh_parts` (one entry per parallel refresh_similarity task) for the DAG to map over."""
     settings = settings_for(context)
-    return asdict(similarity.refresh_similarity(settings, full=bool(params.get("full_refresh"))))
+    stats = vectors.load_vectors(settings, list(extracted.get("files") or []))
+    context["ti"].xcom_push(key="refresh_parts", value=refresh_parts(settings))
+    return asdict(stats)
+
+
+def refresh_parts(settings: Settings) -> list[dict[str, int]]:
+    """The shards of one refresh: the DAG maps refresh_similarity over these."""
+    return [{"index": s.index, "count": s.count} for s in Shard.all(settings.refresh_parts)]
+
+
+def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = None) -> dict[str, Any]:
+    """One part of the refresh; the last part of the run to finish publishes (see similarity.py)."""
+    params = context.get("params") or {}
+    stats = similarity.refresh_similarity(
+        settings_for(context),
+        full=bool(params.get("full_refresh")),
+        shard=Shard(**part) if part else WHOLE,
+        run_key=str(context["run_id"]),
+    )
+    return asdict(stats)
