@@ -72,8 +72,8 @@ def sketchfab_visual_similarity():
         """Bulk-load the feature files into `model_embeddings` (pgvector)."""
         return tasks.load_vectors(get_current_context(), extracted)
 
-    # --- refresh_similarity: mapped over the parts load_vectors pushes (settings.refresh_parts);
-    # the last part to finish publishes model_similarity atomically.
+    # --- refresh_similarity: one mapped task per part (AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS,
+    # default 1); the last part to finish publishes model_similarity atomically.
     @task
     def refresh_similarity(part: dict) -> dict:
         """Bring the exact top-N table `model_similarity` up to date (incremental or full), publish atomically."""
@@ -81,8 +81,7 @@ def sketchfab_visual_similarity():
 
     extracted = extract_features()
     crawl_models() >> download_thumbnails() >> extracted
-    loaded = load_vectors(extracted)
-    refresh_similarity.expand(part=loaded["refresh_parts"])
+    load_vectors(extracted) >> refresh_similarity.expand(part=tasks.refresh_parts())
     # --- end refresh_similarity
 
 

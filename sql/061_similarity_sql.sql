@@ -3,7 +3,8 @@
 
 -- The k most similar models, read from the materialised exact top-N (k is capped by
 -- similarity_top_n). A model with a vector but no list yet falls back to the HNSW index;
--- an unknown uid gives no rows. hnsw.ef_search is set from the pipeline's settings
+-- an unknown uid gives no rows. Models deleted since the last refresh are skipped, so the
+-- list stays k long while the table holds more than k. hnsw.ef_search is set from the pipeline's settings
 -- (similarity_hnsw_ef_search) by load_vectors.
 CREATE OR REPLACE FUNCTION similar_models(uid text, k integer DEFAULT 10)
 RETURNS TABLE (rank integer, uid text, name text, score double precision, thumbnail_url text, viewer_url text)
@@ -15,8 +16,6 @@ AS $$
         SELECT s.rank, s.similar_uid AS uid, s.score::double precision AS score
         FROM model_similarity s
         WHERE s.uid = similar_models.uid
-        ORDER BY s.rank
-        LIMIT similar_models.k
     ),
     -- A model with a vector but no materialised rows yet: ask the HNSW index.
     searched AS (
@@ -38,11 +37,13 @@ AS $$
         UNION ALL
         SELECT * FROM searched
     )
-    SELECT h.rank, h.uid, m.name, h.score, t.source_url, m.viewer_url
+    -- Ranked after the join: a model deleted since the last refresh is skipped, not a hole.
+    SELECT (row_number() OVER (ORDER BY h.rank))::integer, h.uid, m.name, h.score, t.source_url, m.viewer_url
     FROM hits h
     JOIN sketchfab_models m ON m.uid = h.uid
     LEFT JOIN model_thumbnails t ON t.uid = h.uid
-    ORDER BY h.rank;
+    ORDER BY h.rank
+    LIMIT similar_models.k;
 $$;
 
 COMMENT ON FUNCTION similar_models(text, integer) IS

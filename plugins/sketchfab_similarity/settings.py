@@ -81,8 +81,9 @@ class Settings:
     refresh_tile: int = 2048
     """Rows x columns per block of the exact top-N matrix products (about tile^2 x 4 bytes per block)."""
     refresh_parts: int = 1
-    """Variable `similarity_refresh_parts`: parallel mapped `refresh_similarity` tasks that each
-    compute a share of the top-N lists before one atomic publish."""
+    """Parallel mapped `refresh_similarity` tasks that each compute a share of the top-N lists
+    before one atomic publish. Part of the DAG's shape, so it is read when the DAG is parsed,
+    from the environment variable AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS."""
 
     def __post_init__(self) -> None:
         if self.input_size < 32:
@@ -118,7 +119,6 @@ VARIABLES: dict[str, str] = {
     "similarity_download_workers": "download_workers",
     "similarity_extract_batch_size": "extract_batch_size",
     "similarity_hnsw_ef_search": "hnsw_ef_search",
-    "similarity_refresh_parts": "refresh_parts",
 }
 
 # libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).

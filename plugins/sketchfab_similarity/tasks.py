@@ -8,6 +8,8 @@ nothing about Airflow.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
@@ -17,6 +19,8 @@ from .settings import Settings, describe, settings_from_airflow
 from .sharding import WHOLE, Shard
 
 log = logging.getLogger(__name__)
+
+REFRESH_PARTS_ENV = "AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS"
 
 
 def settings_for(context: dict[str, Any]) -> Settings:
@@ -64,16 +68,21 @@ def extract_features(context: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_vectors(context: dict[str, Any], extracted: dict[str, Any]) -> dict[str, Any]:
-    """Also pushes `refresh_parts` (one entry per parallel refresh_similarity task) for the DAG to map over."""
-    settings = settings_for(context)
-    stats = vectors.load_vectors(settings, list(extracted.get("files") or []))
-    context["ti"].xcom_push(key="refresh_parts", value=refresh_parts(settings))
-    return asdict(stats)
+    return asdict(vectors.load_vectors(settings_for(context), list(extracted.get("files") or [])))
 
 
-def refresh_parts(settings: Settings) -> list[dict[str, int]]:
-    """The shards of one refresh: the DAG maps refresh_similarity over these."""
-    return [{"index": s.index, "count": s.count} for s in Shard.all(settings.refresh_parts)]
+def refresh_parts(environ: Mapping[str, str] = os.environ) -> list[dict[str, int]]:
+    """The shards the DAG maps refresh_similarity over, one per parallel task.
+
+    The number of mapped tasks is part of the DAG's shape, so it is read when the DAG file
+    is parsed, from the environment (AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS), not from the
+    metadata database.
+    """
+    raw = environ.get(REFRESH_PARTS_ENV, "").strip()
+    count = int(raw) if raw.isdigit() else Settings().refresh_parts
+    if raw and (not raw.isdigit() or count < 1):
+        raise ValueError(f"{REFRESH_PARTS_ENV} must be a positive integer, got {raw!r}")
+    return [{"index": s.index, "count": s.count} for s in Shard.all(count)]
 
 
 def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = None) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def _copy_rows_packed(columns: list[np.ndarray]) -> bytes:
             elif col.ndim == 2:
                 value = struct.pack("!hh", col.shape[1], 0) + col[r].tobytes()
             else:
-                value = col[r].tobytes()
+                value = col[r : r + 1].tobytes()  # a slice keeps the big-endian order, a scalar would not
             parts.append(struct.pack("!i", len(value)))
             parts.append(value)
     parts.append(PGCOPY_TRAILER)
