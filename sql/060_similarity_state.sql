@@ -13,8 +13,15 @@ CREATE TABLE IF NOT EXISTS similarity_members (
     last_uid     text
 );
 
--- Lists that contain a removed or changed model are found through this index.
-CREATE INDEX IF NOT EXISTS model_similarity_similar_uid_idx ON model_similarity (similar_uid);
+-- A refresh rewrites changed ranks in place; free space on each page lets most of those
+-- updates stay heap-only (no index writes). Applies to pages written from now on.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_class
+                   WHERE oid = 'model_similarity'::regclass AND 'fillfactor=80' = ANY (reloptions)) THEN
+        ALTER TABLE model_similarity SET (fillfactor = 80);
+    END IF;
+END $$;
 
 -- Lists computed by (possibly parallel) refresh tasks wait here until one publish moves
 -- them into model_similarity. UNLOGGED: no WAL for throw-away rows; a server crash empties

@@ -158,8 +158,14 @@ def test_hand_edited_table_is_repaired_by_a_full_rebuild(make_settings):
     put_vectors(settings, random_uids(rng, 30), Vectors(rng).make(30))
     similarity.refresh_similarity(settings)
     execute(settings.db_url, "DELETE FROM model_similarity WHERE rank = 2")
+    # The next incremental refresh reads lists a new model enters, notices, and rebuilds.
+    put_vectors(settings, random_uids(rng, 2), Vectors(rng).make(2))
     repaired = similarity.refresh_similarity(settings)
-    assert repaired.mode == "full" and "bookkeeping" in repaired.reason
+    assert repaired.mode == "full" and "differ from similarity_members" in repaired.reason
+    assert_similarity_is_exact(settings.db_url, 3)
+    # A forced full rebuild repairs any edit, touched or not.
+    execute(settings.db_url, "UPDATE model_similarity SET score = 0 WHERE rank = 1")
+    assert similarity.refresh_similarity(settings, full=True).rows_written == 32
     assert_similarity_is_exact(settings.db_url, 3)
 
 

@@ -29,18 +29,20 @@ import hashlib
 import io
 import json
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import topn
 from .db import connect
-from .features import FeatureSpec
+from .features import EMBEDDING_DIM, FeatureSpec
 from .progress import Progress
 from .settings import Settings
 from .sharding import WHOLE, Shard
-from .vectors import copy_rows, read_embeddings
+from .vectors import PGCOPY_HEADER, PGCOPY_TRAILER, copy_rows, read_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class RefreshStats:
     parts: int = 1
     published: bool = False
     rows_written: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Time per phase: plan (read vectors and bookkeeping), compute, stage, publish."""
 
 
 @dataclass
@@ -79,13 +83,20 @@ class Plan:
     mode: str
     reason: str
     uids: np.ndarray
+    uid_bytes: np.ndarray
+    """The same uids as 'S32' (4x smaller to search than unicode)."""
     matrix: np.ndarray
     hashes: np.ndarray
     new: np.ndarray
     recompute: np.ndarray
     gone: list[str]
     changed: int
-    members: dict[str, tuple[int, float | None, str | None]]
+    list_length: np.ndarray
+    """Per uid: length of its published list, -1 if it has none."""
+    last_score: np.ndarray
+    """Per uid: score of the last entry of its published list (NaN if none)."""
+    last_index: np.ndarray
+    """Per uid: index of the last entry of its published list (-1 if none)."""
     plan_id: str
 
 
@@ -96,18 +107,24 @@ class Lists:
     rows: np.ndarray
     indices: np.ndarray
     scores: np.ndarray
+    changed: np.ndarray | None = None
+    """Which entries differ from the published lists (None: unknown, stage them all)."""
+
+
+class BookkeepingMismatch(RuntimeError):
+    """A published list does not match similarity_members (edited by hand?): rebuild everything."""
+
+
+_HASH_WEIGHTS = np.random.default_rng(0x5F1A).integers(
+    1, 2**63, EMBEDDING_DIM // 2, dtype=np.uint64
+) | np.uint64(1)
 
 
 def vector_hashes(matrix: np.ndarray) -> np.ndarray:
-    """A 64-bit fingerprint of each vector's float32 bytes: any change to a stored vector shows."""
-    data = np.ascontiguousarray(matrix, dtype=np.float32)
-    return np.array(
-        [
-            int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big", signed=True)
-            for row in data
-        ],
-        dtype=np.int64,
-    )
+    """A 64-bit fingerprint of each vector's float32 bits: the 64-bit words times fixed odd
+    weights, summed mod 2**64. Flipping any bits of one word always changes it."""
+    words = np.ascontiguousarray(matrix, dtype=np.float32).reshape(len(matrix), EMBEDDING_DIM).view(np.uint64)
+    return (words @ _HASH_WEIGHTS).view(np.int64)
 
 
 def read_state(db_url: str) -> dict:
@@ -117,32 +134,27 @@ def read_state(db_url: str) -> dict:
     return row[0] if row else {}
 
 
-def read_members(db_url: str) -> tuple[dict[str, tuple[int, int, float | None, str | None]], str, bool]:
-    """similarity_members as {uid: (hash, list_length, last_score, last_uid)}, a digest of it,
-    and whether it agrees with model_similarity (a hand-edited table forces a full rebuild)."""
+MEMBER_ROW = np.dtype(
+    [("fields", ">i2"), ("ulen", ">i4"), ("uid", "S32"), ("hlen", ">i4"), ("hash", ">i8"), ("llen", ">i4"),
+     ("length", ">i4"), ("slen", ">i4"), ("last_score", ">f4"), ("lulen", ">i4"), ("last_uid", "S32")]
+)  # fmt: skip
+
+
+def read_members(db_url: str) -> np.ndarray:
+    """similarity_members sorted by uid, as a numpy record array (binary COPY, fixed-width rows;
+    an empty list has last_score NaN and a blank last_uid)."""
     buf = io.BytesIO()
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
         cur.copy_expert(
-            "COPY (SELECT uid, vector_hash, list_length, last_score, last_uid FROM similarity_members "
-            "ORDER BY uid) TO STDOUT",
+            "COPY (SELECT uid, vector_hash, list_length, coalesce(last_score, 'NaN'), "
+            "coalesce(last_uid, repeat(' ', 32)) FROM similarity_members ORDER BY uid) TO STDOUT (FORMAT binary)",
             buf,
         )
-        cur.execute(
-            "SELECT (SELECT count(*) FROM model_similarity), "
-            "(SELECT coalesce(sum(list_length), 0) FROM similarity_members)"
-        )
-        table_rows, member_rows = cur.fetchone()
-    data = buf.getvalue()
-    members = {}
-    for line in data.decode().splitlines():
-        uid, vector_hash, length, last_score, last_uid = line.split("\t")
-        members[uid] = (
-            int(vector_hash),
-            int(length),
-            None if last_score == r"\N" else float(np.float32(last_score)),
-            None if last_uid == r"\N" else last_uid,
-        )
-    return members, hashlib.sha256(data).hexdigest(), table_rows == member_rows
+    data = buf.getbuffer()
+    rows = np.frombuffer(data[len(PGCOPY_HEADER) : len(data) - len(PGCOPY_TRAILER)], dtype=MEMBER_ROW)
+    if not (np.all(rows["ulen"] == 32) and np.all(rows["lulen"] == 32)):
+        raise BookkeepingMismatch("similarity_members holds a uid that is not 32 characters long")
+    return rows
 
 
 def lists_containing(db_url: str, uids: list[str]) -> set[str]:
@@ -153,88 +165,107 @@ def lists_containing(db_url: str, uids: list[str]) -> set[str]:
         return {r[0] for r in cur.fetchall()}
 
 
-def make_plan(db_url: str, version: str, n: int, full: bool = False, parts: int = 1) -> Plan:
-    uids, matrix = read_embeddings(db_url, version)
-    hashes = vector_hashes(matrix)
-    state = read_state(db_url)
-    members, members_digest, consistent = read_members(db_url)
+def make_plan(
+    db_url: str, version: str, n: int, full: bool = False, parts: int = 1, reason: str = ""
+) -> Plan:
+    with ThreadPoolExecutor(1) as pool:  # the server reads the bookkeeping while we read the vectors
+        bookkeeping = pool.submit(lambda: (read_state(db_url), read_members(db_url)))
+        uids, matrix = read_embeddings(db_url, version)
+        hashes = vector_hashes(matrix)
+        state, members = bookkeeping.result()
     total = len(uids)
     everything = np.arange(total)
-    reason = (
+    reason = reason or (
         "full refresh requested" if full
         else "no published table yet" if not state.get("plan_id")
         else f"feature version changed from {state.get('feature_version')}" if state.get("feature_version") != version
         else f"N changed from {state.get('top_n')} to {n}" if state.get("top_n") != n
-        else "model_similarity does not match its bookkeeping" if not consistent
         else ""
     )  # fmt: skip
-    current = set(uids.tolist())
-    gone = sorted(u for u in members if u not in current)
-    new = np.array(
-        [
-            i
-            for i, (u, h) in enumerate(zip(uids.tolist(), hashes.tolist(), strict=True))
-            if members.get(u, (None,))[0] != h
-        ],
-        dtype=np.int64,
-    )
-    changed = sum(1 for i in new if uids[i] in members)
+    member_uids = members["uid"].astype("U32")
+    at = np.searchsorted(member_uids, uids).clip(0, max(len(members) - 1, 0))
+    listed = np.zeros(total, bool) if not len(members) else member_uids[at] == uids
+    same = listed & (members["hash"][at] == hashes) if len(members) else listed
+    new = np.flatnonzero(~same)
+    changed = int((listed & ~same).sum())
+    gone = member_uids[~np.isin(member_uids, uids)].tolist()
     recompute = everything
     if not reason:
-        replaced = gone + [str(uids[i]) for i in new if uids[i] in members]
-        position = {u: i for i, u in enumerate(uids.tolist())}
-        invalid = [position[u] for u in lists_containing(db_url, replaced) if u in position]
-        recompute = np.union1d(new, np.array(invalid, dtype=np.int64))
+        replaced = gone + uids[listed & ~same].tolist()
+        invalid = np.searchsorted(uids, sorted(set(lists_containing(db_url, replaced)) & set(uids.tolist())))
+        recompute = np.union1d(new, invalid.astype(np.int64))
         if len(recompute) > INCREMENTAL_LIMIT * total:
             reason = f"{len(recompute)} of {total} lists to recompute: a full rebuild is cheaper"
             recompute = everything
     mode = "full" if reason else "incremental" if len(new) or gone else "none"
-    digest = hashlib.sha256(f"{version}|{n}|{mode}|{parts}|{members_digest}|".encode())
-    digest.update("\n".join(uids.tolist()).encode())
-    digest.update(hashes.tobytes())
+    digest = hashlib.sha256(f"{version}|{n}|{mode}|{parts}|".encode())
+    for part in (members.tobytes(), "\n".join(uids.tolist()).encode(), hashes.tobytes()):
+        digest.update(part)
+    last_uid = members["last_uid"].astype("U32")[at] if len(members) else np.zeros(total, "U32")
+    last_index = np.searchsorted(uids, last_uid).clip(0, max(total - 1, 0))
+    has_last = listed & (uids[last_index] == last_uid) if total else listed
     return Plan(
         version=version,
         n=n,
         mode=mode,
         reason=reason or ("nothing changed" if mode == "none" else "new, changed or removed vectors"),
         uids=uids,
+        uid_bytes=uids.astype("S32"),
         matrix=matrix,
         hashes=hashes,
         new=new if mode != "full" else everything,
         recompute=recompute,
         gone=gone,
         changed=changed,
-        members={u: m[1:] for u, m in members.items()},
+        list_length=np.where(listed, members["length"][at] if len(members) else -1, -1).astype(np.int64),
+        last_score=np.where(listed, members["last_score"][at] if len(members) else np.nan, np.nan).astype(
+            np.float32
+        ),
+        last_index=np.where(has_last, last_index, -1).astype(np.int64),
         plan_id=digest.hexdigest()[:16],
     )
+
+
+def shard_rows(plan: Plan, shard: Shard) -> np.ndarray:
+    """Mask of the uids whose lists this part computes."""
+    if shard.count == 1:
+        return np.ones(len(plan.uids), dtype=bool)
+    return np.array([shard.contains(u) for u in plan.uids.tolist()], dtype=bool)
 
 
 def compute_full(plan: Plan, shard: Shard, tile: int, progress: Progress) -> Lists:
     if shard.count == 1:
         indices, scores = topn.top_n_all(plan.matrix, plan.n, tile, progress.advance)
         return Lists(np.arange(len(plan.uids)), indices, scores)
-    rows = np.array([i for i, u in enumerate(plan.uids.tolist()) if shard.contains(u)], dtype=np.int64)
+    rows = np.flatnonzero(shard_rows(plan, shard))
     indices, scores = topn.top_n_rows(plan.matrix, rows, plan.n, tile, progress.advance)
     return Lists(rows, indices, scores)
 
 
-def old_lists(db_url: str, uids: list[str]) -> list[tuple[str, str, float]]:
-    """(uid, similar_uid, score) of the published lists of these models."""
-    if not uids:
-        return []
+LIST_ROW = np.dtype(
+    [("fields", ">i2"), ("ulen", ">i4"), ("uid", "S32"), ("rlen", ">i4"), ("rank", ">i4"),
+     ("slen", ">i4"), ("similar", "S32"), ("flen", ">i4"), ("score", ">f4")]
+)  # fmt: skip
+
+
+def old_lists(db_url: str, uids: np.ndarray) -> np.ndarray:
+    """Every row (uid, rank, similar, score) of the published lists of these models (binary COPY).
+
+    `uids` are 'S32' bytes."""
     buf = io.BytesIO()
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TEMP TABLE wanted_lists (uid text PRIMARY KEY) ON COMMIT DROP")
-        cur.copy_expert("COPY wanted_lists FROM STDIN", io.StringIO("\n".join(uids) + "\n"))
         cur.copy_expert(
-            "COPY (SELECT s.uid, s.similar_uid, s.score FROM model_similarity s JOIN wanted_lists w USING (uid)) "
-            "TO STDOUT",
+            cur.mogrify(
+                "COPY (SELECT uid, rank, similar_uid, score FROM model_similarity WHERE uid = ANY(%s)) "
+                "TO STDOUT (FORMAT binary)",
+                ([u.decode() for u in uids.tolist()],),
+            ).decode(),
             buf,
         )
-    rows = []
-    for line in buf.getvalue().decode().splitlines():
-        uid, similar_uid, score = line.split("\t")
-        rows.append((uid, similar_uid, float(np.float32(score))))
+    data = buf.getbuffer()
+    rows = np.frombuffer(data[len(PGCOPY_HEADER) : len(data) - len(PGCOPY_TRAILER)], dtype=LIST_ROW)
+    if not (np.all(rows["ulen"] == 32) and np.all(rows["slen"] == 32)):
+        raise BookkeepingMismatch("model_similarity holds a uid that is not 32 characters long")
     return rows
 
 
@@ -242,71 +273,94 @@ def compute_incremental(plan: Plan, shard: Shard, tile: int, db_url: str, progre
     """Lists to recompute from scratch, plus existing lists that new models enter."""
     total = len(plan.uids)
     k = topn.neighbours_k(total, plan.n)
-    mine = np.array([shard.contains(u) for u in plan.uids.tolist()], dtype=bool)
+    mine = shard_rows(plan, shard)
     recompute = plan.recompute[mine[plan.recompute]]
-    rec_idx, rec_scores = topn.top_n_rows(plan.matrix, recompute, plan.n, tile, progress.advance)
-
     kept = mine.copy()
     kept[plan.recompute] = False
-    kept_rows = np.flatnonzero(kept)
-    if not len(plan.new) or not len(kept_rows):
-        return Lists(recompute, rec_idx, rec_scores)
-    position = {u: i for i, u in enumerate(plan.uids.tolist())}
-    length = np.array([plan.members[plan.uids[i]][0] for i in kept_rows])
-    bar = np.array(
-        [plan.members[plan.uids[i]][1] if length[j] >= k else -np.inf for j, i in enumerate(kept_rows)]
-    )
-    last = np.array([position.get(plan.members[plan.uids[i]][2] or "", -1) for i in kept_rows])
-    bar32 = np.where(np.isfinite(bar), bar - topn.SCORE_MARGIN, topn.REAL).astype(np.float32)
+    # A new model enters a kept list when it beats the last entry (score, then uid); a list
+    # shorter than k takes every new model. Candidates come from the float32 products, with
+    # the margin; `cut` is +inf for lists that are not kept (and for padding).
+    full_list = plan.list_length >= k
+    bar = np.where(full_list, plan.last_score, -np.inf)
+    cut = np.full(topn.padded_length(total) + tile, np.inf, np.float32)
+    cut[:total] = np.where(kept, np.where(full_list, bar - topn.SCORE_MARGIN, topn.REAL), np.inf)
+    is_new = np.zeros(total, bool)
+    is_new[plan.new] = True
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
 
-    new_vectors = plan.matrix[plan.new]
-    pairs_u, pairs_a = [], []
-    for start in range(0, len(kept_rows), tile):
-        block = new_vectors @ plan.matrix[kept_rows[start : start + tile]].T
-        a, u = np.nonzero(block >= bar32[start : start + tile])
-        pairs_u.append(u + start)
-        pairs_a.append(plan.new[a])
-    u = np.concatenate(pairs_u)
-    a = np.concatenate(pairs_a)
-    scores = topn.exact_scores(plan.matrix, kept_rows[u], a)
-    enters = (length[u] < k) | (scores > bar[u]) | ((scores == bar[u]) & (a < last[u]))
+    def candidates(rows: np.ndarray, column: int, block: np.ndarray) -> None:
+        new_rows = np.flatnonzero(is_new[rows])
+        if len(new_rows) and kept.any():
+            part = block if len(new_rows) == len(rows) else block[new_rows]
+            a, u = np.nonzero(part >= cut[column : column + block.shape[1]])
+            pairs.append((column + u, rows[new_rows[a]]))
+
+    # New rows of this part are query rows anyway: their products double as candidate checks.
+    rec_idx, rec_scores = topn.top_n_rows(plan.matrix, recompute, plan.n, tile, progress.advance, candidates)
+    others = plan.new[~np.isin(plan.new, recompute)]
+    for start in range(0, len(others), tile):
+        rows = others[start : start + tile]
+        for column in range(0, total, tile):
+            candidates(rows, column, plan.matrix[rows] @ plan.matrix[column : column + tile].T)
+    if not pairs:
+        return Lists(recompute, rec_idx, rec_scores)
+    u = np.concatenate([p[0] for p in pairs])
+    a = np.concatenate([p[1] for p in pairs])
+    scores = topn.exact_scores(plan.matrix, u, a)
+    enters = ~full_list[u] | (scores > bar[u]) | ((scores == bar[u]) & (a < plan.last_index[u]))
     u, a, scores = u[enters], a[enters], scores[enters]
     touched = np.unique(u)
     if not len(touched):
         return Lists(recompute, rec_idx, rec_scores)
 
-    old = old_lists(db_url, [str(plan.uids[kept_rows[j]]) for j in touched])
-    local = {int(kept_rows[j]): j for j in touched}
-    old_u = np.array([local[position[r[0]]] for r in old], dtype=np.int64)
-    old_s = np.array([position[r[1]] for r in old], dtype=np.int64)
-    old_scores = np.array([r[2] for r in old], dtype=np.float32)
-    all_u = np.concatenate([old_u, u])
+    old = old_lists(db_url, plan.uid_bytes[touched])
+    old_u = np.searchsorted(touched, np.searchsorted(plan.uid_bytes, old["uid"]))
+    old_s = np.searchsorted(plan.uid_bytes, old["similar"])
+    old_scores = old["score"].astype(np.float32)
+    # The rows read must be exactly what the bookkeeping says: lengths and last entries.
+    lengths = plan.list_length[touched]
+    last_rows = old["rank"] == lengths[old_u]
+    if not (
+        np.array_equal(np.bincount(old_u, minlength=len(touched)), lengths)
+        and np.array_equal(old_s[last_rows], plan.last_index[touched][old_u[last_rows]])
+        and np.array_equal(old_scores[last_rows], plan.last_score[touched][old_u[last_rows]])
+    ):
+        raise BookkeepingMismatch("published lists differ from similarity_members")
+    all_u = np.concatenate([old_u, np.searchsorted(touched, u)])
     all_s = np.concatenate([old_s, a])
     all_scores = np.concatenate([old_scores, scores])
     order = np.lexsort((all_s, -all_scores, all_u))
     all_u, all_s, all_scores = all_u[order], all_s[order], all_scores[order]
-    take = np.searchsorted(all_u, touched)[:, None] + np.arange(k)
+    take = np.searchsorted(all_u, np.arange(len(touched)))[:, None] + np.arange(k)
+    merged_s, merged_scores = all_s[take], all_scores[take]
+    # Only entries that differ from the published list need writing.
+    before_s = np.full((len(touched), k), -1, np.int64)
+    before_scores = np.full((len(touched), k), np.nan, np.float32)
+    before_s[old_u, old["rank"] - 1] = old_s
+    before_scores[old_u, old["rank"] - 1] = old_scores
+    changed = (before_s != merged_s) | (before_scores != merged_scores)
     progress.advance(len(touched))
     return Lists(
-        np.concatenate([recompute, kept_rows[touched]]),
-        np.concatenate([rec_idx, all_s[take]]),
-        np.concatenate([rec_scores, all_scores[take]]),
+        np.concatenate([recompute, touched]),
+        np.concatenate([rec_idx, merged_s]),
+        np.concatenate([rec_scores, merged_scores]),
+        np.concatenate([np.ones(rec_idx.shape, bool), changed]),
     )
 
 
 def write_staging(db_url: str, plan: Plan, part: int, lists: Lists) -> None:
     """This part's lists into the staging tables (replacing what an earlier try left)."""
     count, k = lists.indices.shape
-    plan_id = np.bytes_(plan.plan_id)
+    entries = np.ones(count * k, bool) if lists.changed is None else lists.changed.ravel()
     uids = plan.uids.astype("S")
     rows = copy_rows(
         [
-            np.full(count * k, plan_id),
-            np.full(count * k, part, np.int32),
-            np.repeat(uids[lists.rows], k),
-            np.tile(np.arange(1, k + 1, dtype=np.int32), count),
-            uids[lists.indices.ravel()],
-            lists.scores.ravel().astype(np.float32),
+            np.full(entries.sum(), np.bytes_(plan.plan_id)),
+            np.full(entries.sum(), part, np.int32),
+            np.repeat(uids[lists.rows], k)[entries],
+            np.tile(np.arange(1, k + 1, dtype=np.int32), count)[entries],
+            uids[lists.indices.ravel()[entries]],
+            lists.scores.ravel()[entries].astype(np.float32),
         ]
     )
     summary = io.StringIO()
@@ -325,42 +379,48 @@ def write_staging(db_url: str, plan: Plan, part: int, lists: Lists) -> None:
         cur.copy_expert("COPY similarity_staging_lists FROM STDIN", summary)
 
 
-def publish(cur, plan: Plan, run_key: str) -> tuple[int, int]:
+def publish(cur, plan: Plan, shrinks: bool) -> tuple[int, int]:
     """Move the staged lists into model_similarity: one transaction, only differing rows written.
 
     Returns (rows written, rows in model_similarity)."""
     params = {"plan": plan.plan_id, "version": plan.version, "gone": plan.gone}
-    cur.execute("SET LOCAL work_mem = '256MB'")
-    cur.execute("ANALYZE similarity_staging, similarity_staging_lists")
+    if plan.mode == "full":  # whole-table joins: hash them in memory
+        cur.execute("SET LOCAL work_mem = '256MB'")
+    else:  # a few changed rows of a big table: probe its primary key instead of hashing it all
+        cur.execute("SET LOCAL enable_hashjoin = off")
+        cur.execute("SET LOCAL enable_mergejoin = off")
+    # Rows of abandoned runs go first, so the statements below read whole tables: the planner
+    # then sizes them right without ANALYZE (fresh tables have no statistics for plan_id).
+    for table in ("similarity_staging", "similarity_staging_lists"):
+        cur.execute(f"DELETE FROM {table} WHERE plan_id <> %(plan)s", params)  # noqa: S608
     if plan.mode == "full":
         cur.execute(
             "DELETE FROM model_similarity s WHERE NOT EXISTS "
-            "(SELECT 1 FROM similarity_staging_lists l WHERE l.plan_id = %(plan)s AND l.uid = s.uid)",
+            "(SELECT 1 FROM similarity_staging_lists l WHERE l.uid = s.uid)",
             params,
         )
     else:
         cur.execute("DELETE FROM model_similarity WHERE uid = ANY(%(gone)s)", params)
     written = cur.rowcount
+    if shrinks:  # rows past the end of lists that got shorter
+        cur.execute(
+            "DELETE FROM model_similarity s USING similarity_staging_lists l "
+            "WHERE s.uid = l.uid AND s.rank > l.list_length",
+            params,
+        )
+        written += cur.rowcount
+    # Changed rows are updated in place (no indexed column changes: mostly heap-only updates),
+    # missing rows inserted, identical rows left alone.
     cur.execute(
         """
-        DELETE FROM model_similarity s
-        USING similarity_staging_lists l
-        WHERE l.plan_id = %(plan)s AND s.uid = l.uid
-          AND (s.feature_version <> %(version)s OR NOT EXISTS (
-                SELECT 1 FROM similarity_staging n
-                WHERE n.plan_id = %(plan)s AND n.uid = s.uid AND n.rank = s.rank
-                  AND n.similar_uid = s.similar_uid AND n.score = s.score))
-        """,
-        params,
-    )
-    written += cur.rowcount
-    cur.execute(
-        """
-        INSERT INTO model_similarity (uid, rank, similar_uid, score, feature_version)
-        SELECT n.uid, n.rank, n.similar_uid, n.score, %(version)s
-        FROM similarity_staging n
-        WHERE n.plan_id = %(plan)s
-          AND NOT EXISTS (SELECT 1 FROM model_similarity s WHERE s.uid = n.uid AND s.rank = n.rank)
+        MERGE INTO model_similarity s
+        USING similarity_staging n
+        ON s.uid = n.uid AND s.rank = n.rank
+        WHEN MATCHED AND (s.similar_uid <> n.similar_uid OR s.score <> n.score OR s.feature_version <> %(version)s)
+            THEN UPDATE SET similar_uid = n.similar_uid, score = n.score, feature_version = %(version)s
+        WHEN NOT MATCHED
+            THEN INSERT (uid, rank, similar_uid, score, feature_version)
+                 VALUES (n.uid, n.rank, n.similar_uid, n.score, %(version)s)
         """,
         params,
     )
@@ -368,7 +428,7 @@ def publish(cur, plan: Plan, run_key: str) -> tuple[int, int]:
     if plan.mode == "full":
         cur.execute(
             "DELETE FROM similarity_members m WHERE NOT EXISTS "
-            "(SELECT 1 FROM similarity_staging_lists l WHERE l.plan_id = %(plan)s AND l.uid = m.uid)",
+            "(SELECT 1 FROM similarity_staging_lists l WHERE l.uid = m.uid)",
             params,
         )
     else:
@@ -377,7 +437,7 @@ def publish(cur, plan: Plan, run_key: str) -> tuple[int, int]:
         """
         INSERT INTO similarity_members AS m (uid, vector_hash, list_length, last_score, last_uid)
         SELECT uid, vector_hash, list_length, last_score, last_uid
-        FROM similarity_staging_lists WHERE plan_id = %(plan)s
+        FROM similarity_staging_lists
         ON CONFLICT (uid) DO UPDATE SET
             vector_hash = EXCLUDED.vector_hash, list_length = EXCLUDED.list_length,
             last_score = EXCLUDED.last_score, last_uid = EXCLUDED.last_uid
@@ -401,9 +461,9 @@ def publish(cur, plan: Plan, run_key: str) -> tuple[int, int]:
         "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
         (STATE_KEY, json.dumps(state)),
     )
-    # Everything staged was computed against the table just replaced: none of it is usable any more.
-    for table in ("similarity_staging", "similarity_staging_lists", "similarity_parts"):
-        cur.execute(f"DELETE FROM {table}")  # noqa: S608
+    # Everything staged was computed against the table just replaced: none of it is usable any
+    # more. TRUNCATE also returns the space at once (only refresh tasks use these tables).
+    cur.execute("TRUNCATE similarity_staging, similarity_staging_lists, similarity_parts")
     return written, int(rows)
 
 
@@ -434,11 +494,17 @@ def finish_part(db_url: str, plan: Plan, run_key: str, part: int, parts: int, st
                 "The parts of this refresh saw different embeddings (model_embeddings changed while it "
                 "ran); clear the run's refresh_similarity tasks to compute them again."
             )
-        if read_state(db_url).get("plan_id") == plan.plan_id:
+        cur.execute("SELECT value FROM pipeline_state WHERE name = %s", (STATE_KEY,))
+        state = (cur.fetchone() or [{}])[0]
+        if state.get("plan_id") == plan.plan_id:
             log.info("plan %s is already published", plan.plan_id)
             return
-        stats.rows_written, stats.rows = publish(cur, plan, run_key)
+        shrinks = plan.mode == "full" or topn.neighbours_k(len(plan.uids), plan.n) < state.get("top_n", 0)
+        stats.rows_written, stats.rows = publish(cur, plan, shrinks)
         stats.published = True
+    if plan.mode == "full":  # fresh statistics for a rewritten table (ANALYZE never blocks readers)
+        with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+            cur.execute("ANALYZE model_similarity, similarity_members")
 
 
 def refresh_similarity(
@@ -456,7 +522,20 @@ def refresh_similarity(
     version = FeatureSpec.from_settings(settings).version
     n = top_n or settings.top_n
     run_key = run_key or uuid.uuid4().hex
+    clock = time.perf_counter()
+    seconds = {}
     plan = make_plan(settings.db_url, version, n, full=full, parts=shard.count)
+    clock = lap(seconds, "plan", clock)
+    log_plan(plan)
+    progress = Progress("refresh", total=len(plan.uids) // shard.count, unit="lists", log=log)
+    try:
+        lists = compute(plan, shard, settings, progress)
+    except BookkeepingMismatch as exc:
+        log.warning("%s: rebuilding model_similarity from scratch", exc)
+        plan = make_plan(settings.db_url, version, n, parts=shard.count, reason=f"{exc}")
+        log_plan(plan)
+        lists = compute(plan, shard, settings, progress)
+    clock = lap(seconds, "compute", clock)
     stats = RefreshStats(
         models=len(plan.uids),
         feature_version=version,
@@ -467,28 +546,45 @@ def refresh_similarity(
         removed=len(plan.gone),
         part=shard.index,
         parts=shard.count,
+        seconds=seconds,
     )
-    log.info(
-        "refresh plan %s: %s (%s); %d models, %d new, %d changed, %d removed, %d lists to recompute",
-        plan.plan_id, plan.mode, plan.reason, len(plan.uids), stats.new, stats.changed, stats.removed,
-        len(plan.recompute) if plan.mode != "none" else 0,
-    )  # fmt: skip
     if plan.mode == "none":
         stats.skipped_unchanged = True
         stats.rows = read_state(settings.db_url).get("rows", 0)
         return stats
-    progress = Progress("refresh", total=len(plan.uids) // shard.count, unit="lists", log=log)
-    if plan.mode == "full":
-        lists = compute_full(plan, shard, settings.refresh_tile, progress)
-    else:
-        lists = compute_incremental(plan, shard, settings.refresh_tile, settings.db_url, progress)
     stats.recomputed = int(np.isin(lists.rows, plan.recompute).sum())
     stats.updated = len(lists.rows) - stats.recomputed
     write_staging(settings.db_url, plan, shard.index, lists)
+    clock = lap(seconds, "stage", clock)
     finish_part(settings.db_url, plan, run_key, shard.index, shard.count, stats)
+    lap(seconds, "publish", clock)
     progress.finish(
         f"{plan.mode}: {len(lists.rows)} lists computed ({stats.recomputed} from scratch, {stats.updated} "
         f"updated)"
         + (f"; published, {stats.rows_written} rows written, {stats.rows} rows" if stats.published else "")
+        + "; "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in stats.seconds.items())
     )
     return stats
+
+
+def log_plan(plan: Plan) -> None:
+    log.info(
+        "refresh plan %s: %s (%s); %d models, %d new or changed (%d changed), %d removed, %d lists to recompute",
+        plan.plan_id, plan.mode, plan.reason, len(plan.uids), len(plan.new), plan.changed, len(plan.gone),
+        len(plan.recompute) if plan.mode != "none" else 0,
+    )  # fmt: skip
+
+
+def compute(plan: Plan, shard: Shard, settings: Settings, progress: Progress) -> Lists | None:
+    if plan.mode == "none":
+        return None
+    if plan.mode == "full":
+        return compute_full(plan, shard, settings.refresh_tile, progress)
+    return compute_incremental(plan, shard, settings.refresh_tile, settings.db_url, progress)
+
+
+def lap(seconds: dict[str, float], phase: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[phase] = round(now - since, 3)
+    return now

@@ -121,11 +121,16 @@ class Candidates:
         return cols[take], scores[take]
 
 
-def padded(matrix: np.ndarray) -> np.ndarray:
-    """Rows padded with zeros to a multiple of GROUP (padding is masked after each product)."""
-    extra = -len(matrix) % GROUP
-    out = np.ascontiguousarray(matrix, dtype=np.float32)
-    return np.concatenate([out, np.zeros((extra, out.shape[1]), np.float32)]) if extra else out
+def padded_length(rows: int) -> int:
+    return rows + (-rows % GROUP)
+
+
+def tile_rows(matrix: np.ndarray, start: int, size: int) -> np.ndarray:
+    """matrix[start:start + size], zero-padded to a multiple of GROUP rows (padding is masked
+    after each product); only the last tile is copied."""
+    part = matrix[start : start + size]
+    extra = -len(part) % GROUP
+    return np.concatenate([part, np.zeros((extra, part.shape[1]), np.float32)]) if extra else part
 
 
 def row_maxima(tile: np.ndarray) -> np.ndarray:
@@ -213,8 +218,8 @@ def top_n_all(
     if k == 0:
         return np.zeros((total, 0), np.int64), np.zeros((total, 0), np.float32)
     tile = max(GROUP, tile // GROUP * GROUP)
-    x = padded(matrix)
-    starts = list(range(0, len(x), tile))
+    x = np.ascontiguousarray(matrix, dtype=np.float32)
+    starts = list(range(0, padded_length(total), tile))
     pending = {i: Candidates(min(tile, total - s), k) for i, s in enumerate(starts)}
     indices = np.empty((total, k), np.int64)
     scores = np.empty((total, k), np.float32)
@@ -223,7 +228,7 @@ def top_n_all(
         for i, si in enumerate(starts):
             for j in range(i, len(starts)):
                 sj = starts[j]
-                block = x[si : si + tile] @ x[sj : sj + tile].T
+                block = tile_rows(x, si, tile) @ tile_rows(x, sj, tile).T
                 if si + tile > total:
                     block[max(0, total - si) :] = FLOOR
                 if sj + tile > total:
@@ -264,11 +269,13 @@ def top_n_rows(
     n: int,
     tile: int = 2048,
     on_rows_done: Callable[[int], None] | None = None,
+    on_block: Callable[[np.ndarray, int, np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-n neighbours of the given rows among all rows of `matrix` (self excluded).
 
     Costs len(query_rows) x len(matrix); used for incremental updates and for splitting a
-    full rebuild into query blocks that run on several workers.
+    full rebuild into query blocks that run on several workers. `on_block(rows, column,
+    scores)` sees every product block (masked entries below REAL), so a caller can reuse it.
     """
     total = len(matrix)
     query_rows = np.asarray(query_rows, dtype=np.int64)
@@ -278,7 +285,7 @@ def top_n_rows(
     if k == 0 or not len(query_rows):
         return indices, scores
     tile = max(GROUP, tile // GROUP * GROUP)
-    x = padded(matrix)
+    x = np.ascontiguousarray(matrix, dtype=np.float32)
     for qs in range(0, len(query_rows), tile):
         q_rows = query_rows[qs : qs + tile]
         q = x[q_rows]
@@ -286,8 +293,8 @@ def top_n_rows(
         local = np.arange(len(q_rows))
 
         def products(q=q, q_rows=q_rows) -> Iterator[tuple[int, np.ndarray]]:
-            for cs in range(0, len(x), tile):
-                block = q @ x[cs : cs + tile].T
+            for cs in range(0, padded_length(total), tile):
+                block = q @ tile_rows(x, cs, tile).T
                 if cs + tile > total:
                     block[:, max(0, total - cs) :] = FLOOR
                 own = np.flatnonzero((q_rows >= cs) & (q_rows < cs + block.shape[1]))
@@ -295,6 +302,8 @@ def top_n_rows(
                 yield cs, block
 
         for cs, block in prefetched(products()):
+            if on_block:
+                on_block(q_rows, cs, block)
             cand.add(
                 local,
                 row_maxima(block),

@@ -165,25 +165,25 @@ def read_embeddings(db_url: str, version: str) -> tuple[np.ndarray, np.ndarray]:
             ).decode(),
             buf,
         )
-    uids, matrix = parse_embedding_copy(buf.getvalue())
-    order = np.argsort(uids, kind="stable")
-    return uids[order], matrix[order]
+    return parse_embedding_copy(buf.getbuffer())
 
 
-def parse_embedding_copy(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+def parse_embedding_copy(data: memoryview | bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(uids, vectors) of a binary COPY of (uid, embedding), sorted by uid."""
     body = memoryview(data)[len(PGCOPY_HEADER) : len(data) - len(PGCOPY_TRAILER)]
     row_dtype = np.dtype(
         [("fields", ">i2"), ("ulen", ">i4"), ("uid", "S32"), ("vlen", ">i4"), ("dim", ">i2"),
          ("unused", ">i2"), ("vec", ">f4", EMBEDDING_DIM)]
     )  # fmt: skip
-    if len(body) % row_dtype.itemsize == 0:
-        rows = np.frombuffer(body, dtype=row_dtype)
-        if (
-            np.all(rows["fields"] == 2)
-            and np.all(rows["ulen"] == 32)
-            and np.all(rows["vlen"] == 4 + 4 * EMBEDDING_DIM)
-        ):
-            return rows["uid"].astype("U32"), rows["vec"].astype(np.float32)
+    rows = np.frombuffer(body, dtype=row_dtype) if len(body) % row_dtype.itemsize == 0 else None
+    if rows is not None and (
+        np.all(rows["fields"] == 2)
+        and np.all(rows["ulen"] == 32)
+        and np.all(rows["vlen"] == 4 + 4 * EMBEDDING_DIM)
+    ):
+        order = np.argsort(rows["uid"], kind="stable")
+        matrix = rows["vec"][order]  # one copy, still big-endian; swapped in place below
+        return rows["uid"][order].astype("U32"), matrix.byteswap(inplace=True).view(np.float32)
     uids, vectors, pos = [], [], 0
     while pos < len(body):
         (ulen,) = struct.unpack_from("!i", body, pos + 2)
@@ -192,8 +192,9 @@ def parse_embedding_copy(data: bytes) -> tuple[np.ndarray, np.ndarray]:
         (vlen, dim) = struct.unpack_from("!ih", body, pos)
         vectors.append(np.frombuffer(body, ">f4", dim, pos + 8))
         pos += 4 + vlen
+    order = np.argsort(np.array(uids, dtype=str), kind="stable")
     matrix = np.array(vectors, dtype=np.float32).reshape(len(uids), EMBEDDING_DIM)
-    return np.array(uids, dtype=str), matrix
+    return np.array(uids, dtype=str)[order], matrix[order]
 
 
 # --- checks and load -------------------------------------------------------------------
