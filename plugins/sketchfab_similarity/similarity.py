@@ -248,17 +248,18 @@ LIST_ROW = np.dtype(
 )  # fmt: skip
 
 
-def old_lists(db_url: str, uids: np.ndarray) -> np.ndarray:
-    """Every row (uid, rank, similar, score) of the published lists of these models (binary COPY).
-
-    `uids` are 'S32' bytes."""
+def old_lists(db_url: str, uids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Rows (uid, rank, similar, score) of the published lists of these models ('S32' uids) whose
+    score is at most the list's bound: the part of each list a new entry can move (binary COPY)."""
     buf = io.BytesIO()
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+        cur.execute("SET LOCAL enable_hashjoin = off")  # probe the primary key per list
         cur.copy_expert(
             cur.mogrify(
-                "COPY (SELECT uid, rank, similar_uid, score FROM model_similarity WHERE uid = ANY(%s)) "
-                "TO STDOUT (FORMAT binary)",
-                ([u.decode() for u in uids.tolist()],),
+                "COPY (SELECT s.uid, s.rank, s.similar_uid, s.score "
+                "FROM unnest(%s::text[], %s::real[]) AS t(uid, bound) "
+                "JOIN model_similarity s ON s.uid = t.uid AND s.score <= t.bound) TO STDOUT (FORMAT binary)",
+                ([u.decode() for u in uids.tolist()], bounds.tolist()),
             ).decode(),
             buf,
         )
@@ -313,32 +314,46 @@ def compute_incremental(plan: Plan, shard: Shard, tile: int, db_url: str, progre
     if not len(touched):
         return Lists(recompute, rec_idx, rec_scores)
 
-    old = old_lists(db_url, plan.uid_bytes[touched])
+    # Entries scoring above everything that enters a list keep their place: read only the rest.
+    entering = np.searchsorted(touched, u)
+    bounds = np.full(len(touched), -np.inf, np.float32)
+    np.maximum.at(bounds, entering, scores)
+    old = old_lists(db_url, plan.uid_bytes[touched], bounds)
     old_u = np.searchsorted(touched, np.searchsorted(plan.uid_bytes, old["uid"]))
     old_s = np.searchsorted(plan.uid_bytes, old["similar"])
     old_scores = old["score"].astype(np.float32)
-    # The rows read must be exactly what the bookkeeping says: lengths and last entries.
+    old_rank = old["rank"].astype(np.int64)
+    # What was read must agree with the bookkeeping: each list's tail, ending at its last entry.
     lengths = plan.list_length[touched]
-    last_rows = old["rank"] == lengths[old_u]
+    prefix = lengths - np.bincount(old_u, minlength=len(touched))
+    last_rows = old_rank == lengths[old_u]
     if not (
-        np.array_equal(np.bincount(old_u, minlength=len(touched)), lengths)
+        np.all(prefix >= 0)
+        and np.all((old_rank > prefix[old_u]) & (old_rank <= lengths[old_u]))
+        and last_rows.sum() == np.count_nonzero((lengths > 0) & (bounds >= plan.last_score[touched]))
         and np.array_equal(old_s[last_rows], plan.last_index[touched][old_u[last_rows]])
         and np.array_equal(old_scores[last_rows], plan.last_score[touched][old_u[last_rows]])
     ):
         raise BookkeepingMismatch("published lists differ from similarity_members")
-    all_u = np.concatenate([old_u, np.searchsorted(touched, u)])
+    # New tails: the entries read plus the entering ones, best first, ties by uid.
+    all_u = np.concatenate([old_u, entering])
     all_s = np.concatenate([old_s, a])
     all_scores = np.concatenate([old_scores, scores])
     order = np.lexsort((all_s, -all_scores, all_u))
     all_u, all_s, all_scores = all_u[order], all_s[order], all_scores[order]
-    take = np.searchsorted(all_u, np.arange(len(touched)))[:, None] + np.arange(k)
-    merged_s, merged_scores = all_s[take], all_scores[take]
-    # Only entries that differ from the published list need writing.
+    position = prefix[all_u] + np.arange(len(all_u)) - np.searchsorted(all_u, all_u)
+    fits = position < k
+    merged_s = np.full((len(touched), k), -1, np.int64)
+    merged_scores = np.full((len(touched), k), np.nan, np.float32)
+    merged_s[all_u[fits], position[fits]] = all_s[fits]
+    merged_scores[all_u[fits], position[fits]] = all_scores[fits]
+    # Only entries that differ from the published list are written.
     before_s = np.full((len(touched), k), -1, np.int64)
     before_scores = np.full((len(touched), k), np.nan, np.float32)
-    before_s[old_u, old["rank"] - 1] = old_s
-    before_scores[old_u, old["rank"] - 1] = old_scores
-    changed = (before_s != merged_s) | (before_scores != merged_scores)
+    before_s[old_u, old_rank - 1] = old_s
+    before_scores[old_u, old_rank - 1] = old_scores
+    in_tail = np.arange(k) >= prefix[:, None]
+    changed = in_tail & ((before_s != merged_s) | (before_scores != merged_scores))
     progress.advance(len(touched))
     return Lists(
         np.concatenate([recompute, touched]),
