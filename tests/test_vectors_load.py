@@ -180,8 +180,11 @@ def test_bulk_load_rebuilds_the_index_small_loads_keep_it(make_settings):
     assert (first.files, first.loaded, first.index) == (3, 300, "built")
     assert index_state(settings.db_url) == (True, ["m=16", "ef_construction=64"])
 
-    small = vectors.load_vectors(settings, write_files(settings, uids[300:310], matrix[300:310], 128))
-    assert (small.loaded, small.index) == (10, "unchanged")
+    small_files = write_files(settings, uids[300:310], matrix[300:310], 128)
+    damaged = "features/test/damaged.npz"
+    ThumbnailStore(settings.thumbnail_store).put(damaged, b"not a zip file")
+    small = vectors.load_vectors(settings, [damaged, *small_files])
+    assert (small.loaded, small.index, list(small.failed_files)) == (10, "unchanged", [damaged])
     rerun = vectors.load_vectors(settings, write_files(settings, uids[:300], matrix[:300], 128))
     assert (rerun.changed, rerun.index) == (0, "unchanged")
 

@@ -42,7 +42,7 @@ from .features import EMBEDDING_DIM, FeatureSpec
 from .progress import Progress
 from .settings import Settings
 from .sharding import WHOLE, Shard
-from .vectors import PGCOPY_HEADER, PGCOPY_TRAILER, copy_rows, read_embeddings
+from .vectors import PGCOPY_HEADER, PGCOPY_TRAILER, copy_rows, lap, read_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -597,9 +597,3 @@ def compute(plan: Plan, shard: Shard, settings: Settings, progress: Progress) ->
     if plan.mode == "full":
         return compute_full(plan, shard, settings.refresh_tile, progress)
     return compute_incremental(plan, shard, settings.refresh_tile, settings.db_url, progress)
-
-
-def lap(seconds: dict[str, float], phase: str, since: float) -> float:
-    now = time.perf_counter()
-    seconds[phase] = round(now - since, 3)
-    return now

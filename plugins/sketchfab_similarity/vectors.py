@@ -21,6 +21,7 @@ import io
 import logging
 import re
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ MAX_LISTED_REJECTS = 200
 # Arbitrary constant: one index (re)build at a time.
 _INDEX_LOCK_KEY = 0x5F1A_0004
 _UID = re.compile(r"^[0-9a-f]{32}$")
+_SEP = "\x1f"  # ASCII unit separator: not part of any uid or content hash
 
 PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 PGCOPY_TRAILER = struct.pack("!h", -1)
@@ -57,7 +59,11 @@ class LoadStats:
     rejected: int = 0
     reject_reasons: dict[str, str] = field(default_factory=dict)
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    failed_files: dict[str, str] = field(default_factory=dict)
+    """Feature files that could not be read, with the reason (their models are extracted again)."""
     index: str = "unchanged"
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Time per phase: check (which rows change), load (batches), index (HNSW (re)build)."""
 
     def reject(self, uid: str, reason: str) -> None:
         self.rejected += 1
@@ -238,6 +244,9 @@ def load_batch(db_url: str, batch: FeatureBatch, stats: LoadStats) -> None:
     hashes = np.array([batch.content_hashes[i].encode() for i in keep], dtype="S")
     vectors = np.ascontiguousarray(np.asarray(batch.vectors)[keep], dtype=np.float32)
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+        # Not waiting for the WAL flush is safe here: a batch lost to a server crash right after
+        # its commit has no vector, so extract_features produces it again on the next run.
+        cur.execute("SET LOCAL synchronous_commit = off")
         cur.execute(
             "CREATE TEMP TABLE staging_embeddings (uid text, embedding vector(512), content_hash text) "
             "ON COMMIT DROP"
@@ -247,15 +256,15 @@ def load_batch(db_url: str, batch: FeatureBatch, stats: LoadStats) -> None:
             io.BytesIO(copy_rows([uids, vectors, hashes])),
         )
         cur.execute(
-            "SELECT s.uid FROM staging_embeddings s "
-            "WHERE NOT EXISTS (SELECT 1 FROM sketchfab_models m WHERE m.uid = s.uid) ORDER BY s.uid"
+            "DELETE FROM staging_embeddings s "
+            "WHERE NOT EXISTS (SELECT 1 FROM sketchfab_models m WHERE m.uid = s.uid) RETURNING s.uid"
         )
-        unknown = [r[0] for r in cur.fetchall()]
+        unknown = sorted(r[0] for r in cur.fetchall())
         cur.execute(
             """
             INSERT INTO model_embeddings AS e (uid, embedding, feature_version, content_hash)
             SELECT s.uid, s.embedding, %(version)s, s.content_hash
-            FROM staging_embeddings s JOIN sketchfab_models m ON m.uid = s.uid
+            FROM staging_embeddings s
             ON CONFLICT (uid) DO UPDATE SET
                 embedding = EXCLUDED.embedding,
                 feature_version = EXCLUDED.feature_version,
@@ -272,48 +281,56 @@ def load_batch(db_url: str, batch: FeatureBatch, stats: LoadStats) -> None:
     stats.loaded += len(keep) - len(unknown)
 
 
-def incoming_changes(db_url: str, batches: list[tuple[list[str], list[str], str]]) -> tuple[int, int]:
+def incoming_changes(db_url: str, files: list[tuple[list[str], list[str], str]]) -> tuple[int, int]:
     """(rows the files would add or change, rows in the table): decides the index strategy."""
-    uids = [u for b in batches for u in b[0]]
-    hashes = [h for b in batches for h in b[1]]
-    versions = [b[2] for b in batches for _ in b[0]]
+    by_version: dict[str, tuple[list[str], list[str]]] = {}
+    for uids, hashes, version in files:
+        into = by_version.setdefault(version, ([], []))
+        into[0].extend(uids)
+        into[1].extend(hashes)
+    changes = 0
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
-        cur.execute(
-            """
-            SELECT count(*) FILTER (WHERE e.uid IS NULL OR e.feature_version <> i.version
-                                       OR e.content_hash <> i.content_hash),
-                   (SELECT count(*) FROM model_embeddings)
-            FROM unnest(%s::text[], %s::text[], %s::text[]) AS i(uid, content_hash, version)
-            LEFT JOIN model_embeddings e ON e.uid = i.uid
-            """,
-            (uids, hashes, versions),
-        )
-        changes, rows = cur.fetchone()
+        for version, (uids, hashes) in by_version.items():
+            # Two joined strings parse far faster than two 50,000-element array literals.
+            cur.execute(
+                "SELECT count(*) FROM unnest(string_to_array(%s, %s), string_to_array(%s, %s)) AS i(uid, content_hash) "
+                "LEFT JOIN model_embeddings e ON e.uid = i.uid "
+                "WHERE e.uid IS NULL OR e.feature_version <> %s OR e.content_hash <> i.content_hash",
+                (_SEP.join(uids), _SEP, _SEP.join(hashes), _SEP, version),
+            )
+            changes += cur.fetchone()[0]
+        cur.execute("SELECT count(*) FROM model_embeddings")
+        rows = cur.fetchone()[0]
     return int(changes), int(rows)
 
 
 def feature_file_ids(store: ThumbnailStore, key: str) -> tuple[list[str], list[str], str]:
-    with np.load(io.BytesIO(store.get(key)), allow_pickle=False) as data:
-        return (
-            [str(u) for u in data["uids"]],
-            [str(h) for h in data["content_hashes"]],
-            str(data["feature_version"]),
-        )
+    """A feature file's uids, content hashes and version, without reading its vectors."""
+    with store.fs.open(store.path(key), "rb") as f, np.load(f, allow_pickle=False) as data:
+        return data["uids"].tolist(), data["content_hashes"].tolist(), str(data["feature_version"])
 
 
 def load_vectors(settings: Settings, keys: list[str]) -> LoadStats:
     """Load the feature files written by extract_features (keys relative to the thumbnail store)."""
     stats = LoadStats()
     store = ThumbnailStore(settings.thumbnail_store)
-    changes, rows = (
-        incoming_changes(settings.db_url, [feature_file_ids(store, k) for k in keys]) if keys else (0, 0)
-    )
+    clock = time.perf_counter()
+    readable = []
+    for key in keys:
+        try:
+            readable.append((key, feature_file_ids(store, key)))
+        except Exception as exc:  # a damaged file must not stop the others
+            stats.failed_files[key] = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("feature file %s cannot be read, skipped: %s", key, stats.failed_files[key])
+    keys = [key for key, _ in readable]
+    changes, rows = incoming_changes(settings.db_url, [ids for _, ids in readable]) if keys else (0, 0)
     bulk = changes > 0 and changes * 100 > settings.hnsw_rebuild_percent * (rows + changes)
     if bulk:
         log.info(
             "%d of %d vectors new or changed: dropping %s for the load", changes, rows + changes, HNSW_INDEX
         )
         drop_hnsw_index(settings.db_url)
+    clock = lap(stats.seconds, "check", clock)
     progress = Progress("load", total=len(keys), unit="files", log=log)
     try:
         for key in keys:
@@ -321,15 +338,25 @@ def load_vectors(settings: Settings, keys: list[str]) -> LoadStats:
             stats.files += 1
             progress.advance()
     finally:
+        clock = lap(stats.seconds, "load", clock)
         stats.index = ensure_hnsw_index(settings)
-    configure_search(settings)
+        configure_search(settings)
+        lap(stats.seconds, "index", clock)
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.rejects_by_reason.items()))
     progress.finish(
-        f"{stats.loaded} vectors loaded ({stats.changed} changed), {stats.rejected} rejected"
+        f"{stats.loaded} vectors loaded ({stats.changed} changed), {stats.rejected} rejected, "
+        f"{len(stats.failed_files)} unreadable files"
         + (f" ({reasons})" if reasons else "")
-        + f"; index {stats.index}"
+        + f"; index {stats.index}; "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in stats.seconds.items())
     )
     return stats
+
+
+def lap(seconds: dict[str, float], phase: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[phase] = round(now - since, 3)
+    return now
 
 
 # --- HNSW index and search settings ------------------------------------------------------
