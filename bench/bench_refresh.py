@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import time
 
@@ -74,8 +75,6 @@ def pgvector_way(
         text = "".join(
             f"{u}\t[{','.join(map(repr, v.tolist()))}]\n" for u, v in zip(uids, matrix, strict=True)
         )
-        import io
-
         cur.copy_expert("COPY pgv FROM STDIN", io.StringIO(text))
         cur.execute("SET maintenance_work_mem = '1GB'")
         _, build = timed(
@@ -85,12 +84,10 @@ def pgvector_way(
         cur.execute(f"SET hnsw.ef_search = {max(ef_search, n + 1):d}")
         _, view = timed(
             cur.execute,
-            f"""
-            CREATE MATERIALIZED VIEW pgv_top AS
-            SELECT q.uid, n.similar_uid, n.rank FROM pgv q CROSS JOIN LATERAL (
-                SELECT e.uid AS similar_uid, row_number() OVER () AS rank FROM pgv e
-                WHERE e.uid <> q.uid ORDER BY e.embedding <=> q.embedding LIMIT {n:d}) n
-            """,
+            "CREATE MATERIALIZED VIEW pgv_top AS SELECT q.uid, n.similar_uid FROM pgv q CROSS JOIN LATERAL ("
+            " SELECT e.uid AS similar_uid FROM pgv e WHERE e.uid <> q.uid"
+            " ORDER BY e.embedding <=> q.embedding LIMIT %s) n",
+            (n,),
         )
         cur.execute("SELECT uid, similar_uid FROM pgv_top")
         found = cur.fetchall()

@@ -40,10 +40,15 @@ def settings_for(db_url: str, store: str = "", **overrides) -> Settings:
     )
 
 
-def connect(socket_dir: str):
+@contextmanager
+def connect(socket_dir: str) -> Iterator:
+    """An autocommit connection: every statement commits (VACUUM and CONCURRENTLY work too)."""
     conn = psycopg2.connect(dbname="postgres", user="postgres", host=socket_dir)
     conn.autocommit = True
-    return conn
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 def random_unit(count: int, seed: int, dim: int = 512) -> np.ndarray:

@@ -1,49 +1,52 @@
 -- SQL for users: recommendations by uid, a browsable view, and ad-hoc vector search.
 -- Supersedes similar_models() from 040 (same signature and columns).
 
--- The k most similar models, read from the materialised exact top-N (k is capped by
--- similarity_top_n). A model with a vector but no list yet falls back to the HNSW index;
--- an unknown uid gives no rows. Models deleted since the last refresh are skipped, so the
--- list stays k long while the table holds more than k. hnsw.ef_search is set from the pipeline's settings
--- (similarity_hnsw_ef_search) by load_vectors.
-CREATE OR REPLACE FUNCTION similar_models(uid text, k integer DEFAULT 10)
+-- Index search for a model that has a vector but no list yet (similar_models() falls back to it).
+-- hnsw.ef_search is set from the pipeline's settings (similarity_hnsw_ef_search) by load_vectors.
+CREATE OR REPLACE FUNCTION similar_models_search(uid text, k integer DEFAULT 10)
 RETURNS TABLE (rank integer, uid text, name text, score double precision, thumbnail_url text, viewer_url text)
 LANGUAGE sql STABLE PARALLEL SAFE
 SET hnsw.iterative_scan = 'relaxed_order'
 SET hnsw.ef_search = 100
 AS $$
-    WITH materialised AS (
-        SELECT s.rank, s.similar_uid AS uid, s.score::double precision AS score
-        FROM model_similarity s
-        WHERE s.uid = similar_models.uid
-    ),
-    -- A model with a vector but no materialised rows yet: ask the HNSW index.
-    searched AS (
-        SELECT (row_number() OVER (ORDER BY n.distance, n.uid))::integer AS rank,
-               n.uid, 1 - n.distance AS score
-        FROM model_embeddings q
-        CROSS JOIN LATERAL (
-            SELECT e.uid, e.embedding <=> q.embedding AS distance
-            FROM model_embeddings e
-            WHERE e.uid <> q.uid AND e.feature_version = q.feature_version
-            ORDER BY e.embedding <=> q.embedding
-            LIMIT similar_models.k
-        ) n
-        WHERE q.uid = similar_models.uid
-          AND NOT EXISTS (SELECT 1 FROM materialised)
-    ),
-    hits AS (
-        SELECT * FROM materialised
+    SELECT (row_number() OVER (ORDER BY n.distance, n.uid))::integer, n.uid, m.name, 1 - n.distance,
+           t.source_url, m.viewer_url
+    FROM model_embeddings q
+    CROSS JOIN LATERAL (
+        SELECT e.uid, e.embedding <=> q.embedding AS distance
+        FROM model_embeddings e
+        WHERE e.uid <> q.uid AND e.feature_version = q.feature_version
+        ORDER BY e.embedding <=> q.embedding
+        LIMIT similar_models_search.k
+    ) n
+    JOIN sketchfab_models m ON m.uid = n.uid
+    LEFT JOIN model_thumbnails t ON t.uid = n.uid
+    WHERE q.uid = similar_models_search.uid
+    ORDER BY n.distance, n.uid;
+$$;
+
+-- The k most similar models, read from the materialised exact top-N (k is capped by
+-- similarity_top_n); a model with a vector but no list yet is answered from the HNSW index; an
+-- unknown uid gives no rows. Models deleted since the last refresh are skipped, so the list stays
+-- k long while the table holds more than k. Plain SQL without SET clauses: the planner inlines it.
+CREATE OR REPLACE FUNCTION similar_models(uid text, k integer DEFAULT 10)
+RETURNS TABLE (rank integer, uid text, name text, score double precision, thumbnail_url text, viewer_url text)
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT * FROM (
+        (SELECT (row_number() OVER (ORDER BY s.rank))::integer AS rank, s.similar_uid AS uid, m.name,
+                s.score::double precision AS score, t.source_url AS thumbnail_url, m.viewer_url
+         FROM model_similarity s
+         JOIN sketchfab_models m ON m.uid = s.similar_uid
+         LEFT JOIN model_thumbnails t ON t.uid = s.similar_uid
+         WHERE s.uid = similar_models.uid
+         ORDER BY s.rank
+         LIMIT similar_models.k)
         UNION ALL
-        SELECT * FROM searched
-    )
-    -- Ranked after the join: a model deleted since the last refresh is skipped, not a hole.
-    SELECT (row_number() OVER (ORDER BY h.rank))::integer, h.uid, m.name, h.score, t.source_url, m.viewer_url
-    FROM hits h
-    JOIN sketchfab_models m ON m.uid = h.uid
-    LEFT JOIN model_thumbnails t ON t.uid = h.uid
-    ORDER BY h.rank
-    LIMIT similar_models.k;
+        SELECT * FROM similar_models_search(similar_models.uid, similar_models.k)
+        WHERE NOT EXISTS (SELECT 1 FROM model_similarity x WHERE x.uid = similar_models.uid)
+    ) hits
+    ORDER BY hits.rank;
 $$;
 
 COMMENT ON FUNCTION similar_models(text, integer) IS

@@ -193,7 +193,7 @@ def test_bulk_load_rebuilds_the_index_small_loads_keep_it(make_settings):
     assert index_state(settings.db_url) == (True, ["m=8", "ef_construction=32"])
     configs = query(
         settings.db_url,
-        "SELECT proname, proconfig FROM pg_proc WHERE proname IN ('similar_models', 'similar_to_vector')",
+        "SELECT proname, proconfig FROM pg_proc WHERE proname IN ('similar_models_search', 'similar_to_vector')",
     )
     assert all("hnsw.ef_search=64" in config for _, config in configs) and len(configs) == 2
 

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 NORM_TOLERANCE = 1e-3
 HNSW_INDEX = "model_embeddings_hnsw_idx"
-SEARCH_FUNCTIONS = ("similar_models", "similar_to_vector")
+SEARCH_FUNCTIONS = ("similar_models_search", "similar_to_vector")
 MAX_LISTED_REJECTS = 200
 """Rejected uids listed by name in the stats (all are counted by reason and logged)."""
 # Arbitrary constant: one index (re)build at a time.
