@@ -5,7 +5,7 @@ every transaction's latency logged; p50/p99 come from those logs. `pgbench -S` i
 select-only workload (one primary-key lookup on pgbench_accounts), the usual yardstick for
 "as fast as a query can be" on a server.
 
-    python bench/bench_queries.py            # 50,000 models, 10 s per workload
+    python bench/bench_queries.py            # 50,000 models, 5 s per workload
     python bench/bench_queries.py --quick    # 10,000 models, 4 s per workload
 """
 
@@ -70,7 +70,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", type=int, default=50_000)
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="10,000 models, 4 s per workload")
     args = parser.parse_args()
     if args.quick:
