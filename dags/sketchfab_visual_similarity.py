@@ -177,7 +177,7 @@ def sketchfab_visual_similarity():
 
     @task
     def summarize_run(
-        crawled: dict, downloaded: list[dict], extracted: list[dict], loaded: dict, refreshed: dict
+        crawled: dict, downloaded: list[dict], extracted: list[dict], loaded: dict, refreshed: list[dict]
     ) -> dict:
         """Logs and returns the run's counts, records them in `pipeline_runs`, releases the run lease."""
         return tasks.summarize_run(
@@ -202,18 +202,21 @@ def sketchfab_visual_similarity():
     loaded = load_vectors(extracted)
 
     # --- refresh_similarity: the step that writes model_similarity -------------------------
-    @task(outlets=[SIMILARITY_TABLE])
-    def refresh_similarity() -> dict:
-        """Brings the exact top-N table `model_similarity` up to date and publishes it
-        atomically; then updates the Asset `sketchfab_model_similarity`."""
+    # One mapped task per part (AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS, default 1); each computes a
+    # share of the top-N lists and the last part to finish publishes model_similarity atomically.
+    @task(outlets=[SIMILARITY_TABLE], map_index_template="{{ part_label }}")
+    def refresh_similarity(part: dict) -> dict:
+        """Brings the exact top-N table `model_similarity` up to date (incremental or full) and
+        publishes it atomically; then updates the Asset `sketchfab_model_similarity`."""
         context = get_current_context()
-        result = tasks.refresh_similarity(context)
+        context["part_label"] = f"part {part['index'] + 1} of {part['count']}"
+        result = tasks.refresh_similarity(context, part)
         context["outlet_events"][SIMILARITY_TABLE].extra = {
             k: v for k, v in result.items() if isinstance(v, str | int | float | bool)
         }
         return result
 
-    refreshed = refresh_similarity()
+    refreshed = refresh_similarity.expand(part=tasks.refresh_parts())
     loaded >> refreshed
     # --- end of refresh_similarity -----------------------------------------------------------
 

@@ -143,6 +143,25 @@ class Settings:
     """Variable `similarity_run_wait_poke_s`: how often a run waiting for its turn checks again."""
     run_wait_timeout_hours: int = 24
     """Variable `similarity_run_wait_timeout_hours`: a run that waited this long for its turn fails."""
+    hnsw_m: int = 16
+    """HNSW graph degree of `model_embeddings_hnsw_idx` (pgvector default 16; higher: better recall, bigger index)."""
+    hnsw_ef_construction: int = 64
+    """HNSW build-time candidate list (pgvector default 64; higher: better graph, slower build)."""
+    hnsw_ef_search: int = 100
+    """Variable `similarity_hnsw_ef_search`: search-time candidate list of the index searches in
+    `similar_models()` (fallback) and `similar_to_vector()` (pgvector default 40; must be >= k)."""
+    hnsw_build_memory: str = "1GB"
+    """`maintenance_work_mem` while (re)building the HNSW index; a graph that fits builds several times faster."""
+    hnsw_rebuild_percent: int = 20
+    """When a load adds or changes more than this share of the table (in percent), the HNSW index is
+    dropped for the load and rebuilt afterwards (CONCURRENTLY): inserting into a live HNSW graph runs
+    at a few hundred vectors/s, a bulk build about five times faster."""
+    refresh_tile: int = 2048
+    """Rows x columns per block of the exact top-N matrix products (about tile^2 x 4 bytes per block)."""
+    refresh_parts: int = 1
+    """Parallel mapped `refresh_similarity` tasks that each compute a share of the top-N lists
+    before one atomic publish. Part of the DAG's shape, so it is read when the DAG is parsed,
+    from the environment variable AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS."""
 
     def __post_init__(self) -> None:
         if self.input_size < 32:
@@ -167,6 +186,16 @@ class Settings:
             raise ValueError(f"similarity_download_workers must be >= 1, got {self.download_workers}")
         if min(self.api_retries, self.download_retries, self.api_body_retries) < 0:
             raise ValueError("retry counts must be >= 0")
+        if self.hnsw_ef_search < 1 or self.hnsw_m < 2 or self.hnsw_ef_construction < 2 * self.hnsw_m:
+            raise ValueError(
+                "HNSW parameters need ef_search >= 1, m >= 2 and ef_construction >= 2 * m, got "
+                f"ef_search={self.hnsw_ef_search}, m={self.hnsw_m}, ef_construction={self.hnsw_ef_construction}"
+            )
+        if self.refresh_parts < 1 or self.refresh_tile < 32:
+            raise ValueError(
+                f"similarity_refresh_parts must be >= 1 and refresh_tile >= 32, got {self.refresh_parts}, "
+                f"{self.refresh_tile}"
+            )
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -208,6 +237,7 @@ VARIABLES: dict[str, str] = {
     "similarity_thumbnail_private_hosts": "thumbnail_private_hosts",
     "similarity_max_download_attempts": "max_download_attempts",
     "similarity_api_retries": "api_retries",
+    "similarity_hnsw_ef_search": "hnsw_ef_search",
 }
 
 # libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).

@@ -8,6 +8,7 @@ nothing about Airflow.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import timedelta
@@ -17,7 +18,7 @@ import psycopg2.errors
 
 from . import crawl, db, features, runs, similarity, thumbnails, vectors
 from .settings import Settings, describe, settings_from_airflow
-from .sharding import Shard
+from .sharding import WHOLE, Shard
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 PARAM_NAMES = frozenset(
     {"max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh"}
 )
+
+REFRESH_PARTS_ENV = "AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS"
 
 
 def settings_for(context: dict[str, Any]) -> Settings:
@@ -193,10 +196,30 @@ def load_vectors(context: dict[str, Any], extracted: dict[str, Any]) -> dict[str
     return asdict(vectors.load_vectors(settings_for(context), list(extracted.get("files") or [])))
 
 
-def refresh_similarity(context: dict[str, Any]) -> dict[str, Any]:
+def refresh_parts(environ: Mapping[str, str] = os.environ) -> list[dict[str, int]]:
+    """The shards the DAG maps refresh_similarity over, one per parallel task.
+
+    The number of mapped tasks is part of the DAG's shape, so it is read when the DAG file
+    is parsed, from the environment (AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS), not from the
+    metadata database.
+    """
+    raw = environ.get(REFRESH_PARTS_ENV, "").strip()
+    count = int(raw) if raw.isdigit() else Settings().refresh_parts
+    if raw and (not raw.isdigit() or count < 1):
+        raise ValueError(f"{REFRESH_PARTS_ENV} must be a positive integer, got {raw!r}")
+    return [{"index": s.index, "count": s.count} for s in Shard.all(count)]
+
+
+def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = None) -> dict[str, Any]:
+    """One part of the refresh; the last part of the run to finish publishes (see similarity.py)."""
     params = context.get("params") or {}
-    settings = settings_for(context)
-    return asdict(similarity.refresh_similarity(settings, full=bool(params.get("full_refresh"))))
+    stats = similarity.refresh_similarity(
+        settings_for(context),
+        full=bool(params.get("full_refresh")),
+        shard=Shard(**part) if part else WHOLE,
+        run_key=str(context["run_id"]),
+    )
+    return asdict(stats)
 
 
 # Per stage, the counts worth a line in the run summary (the full results stay in each task's XCom).
