@@ -204,7 +204,13 @@ def sketchfab_visual_similarity():
     # --- refresh_similarity: the step that writes model_similarity -------------------------
     # One mapped task per part (AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS, default 1); each computes a
     # share of the top-N lists and the last part to finish publishes model_similarity atomically.
-    @task(outlets=[SIMILARITY_TABLE], map_index_template="{{ part_label }}")
+    @task(
+        outlets=[SIMILARITY_TABLE],
+        map_index_template="{{ part_label }}",
+        doc_md="One part of the exact top-N table `model_similarity` (incremental, or full after a "
+        "feature-version change or `full_refresh`); the last part to finish publishes it atomically "
+        "and updates the Asset `sketchfab_model_similarity`.",
+    )
     def refresh_similarity(part: dict) -> dict:
         """Brings the exact top-N table `model_similarity` up to date (incremental or full) and
         publishes it atomically; then updates the Asset `sketchfab_model_similarity`."""

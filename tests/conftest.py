@@ -33,11 +33,12 @@ def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def fresh_db(pg_uri: str) -> str:
+def fresh_db(pg_uri: str) -> Iterator[str]:
     """SQLAlchemy URL of a new, empty database with the schema applied."""
     url, _ = devenv.create_database(pg_uri, f"test_{os.getpid()}_{next(_db_counter)}")
     db.apply_schema(url)
-    return url
+    yield url
+    db.get_engine(url).dispose()  # give its pooled connections back; the server allows only so many
 
 
 @pytest.fixture

@@ -78,7 +78,8 @@ def plan_shards(pending: int, shard_size: int, max_shards: int) -> list[Shard]:
 
 
 def combine(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Merge the XComs of mapped task instances: numbers add up, lists concatenate, dicts merge.
+    """Merge the XComs of mapped task instances: numbers add up, flags are or-ed, lists concatenate,
+    dicts merge.
 
     Other values must agree across parts (e.g. every shard's feature version).
     """
@@ -93,7 +94,9 @@ def combine(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                     if isinstance(value, list)
                     else value
                 )
-            elif isinstance(value, bool) or not isinstance(value, int | float | list | dict):
+            elif isinstance(value, bool):
+                out[key] = out[key] or value  # a flag holds for the run if any part set it
+            elif not isinstance(value, int | float | list | dict):
                 if value != out[key]:
                     raise ValueError(f"mapped tasks disagree on {key!r}: {out[key]!r} vs {value!r}")
             elif isinstance(value, list):
