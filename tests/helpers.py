@@ -18,6 +18,17 @@ def query(db_url: str, sql: str, params: tuple = ()) -> list[tuple]:
         conn.close()
 
 
+def execute(db_url: str, sql: str, params: tuple = ()) -> None:
+    """Run one statement and commit it (`query` only reads)."""
+    url = make_url(db_url)
+    conn = psycopg2.connect(dbname=url.database, user=url.username, host=url.query["host"])
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+    finally:
+        conn.close()
+
+
 def stored_embeddings(db_url: str) -> tuple[list[str], np.ndarray]:
     """Parse pgvector's text output ourselves rather than trusting the pipeline's reader."""
     rows = query(db_url, "SELECT uid, embedding::text FROM model_embeddings ORDER BY uid")

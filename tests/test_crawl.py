@@ -11,16 +11,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg2
 import pytest
 import urllib3.util.retry
 from fake_sketchfab import Catalog, FaultConfig, start_server
 from fake_sketchfab.catalog import SQL_NAME, UNICODE_NAME
-from helpers import query
+from helpers import execute, query
 from sketchfab_similarity import crawl
 from sketchfab_similarity.crawl import CrawlFilters, CrawlWindow
 from sketchfab_similarity.sketchfab import SketchfabAPIError, SketchfabClient
-from sqlalchemy.engine import make_url
 
 pytestmark = pytest.mark.integration
 
@@ -35,17 +33,6 @@ def crawl_settings(make_settings):
         return make_settings(api_base_url=server.api_base_url, **{**FAST, **overrides})
 
     return make
-
-
-def execute(db_url: str, sql: str, params: tuple = ()) -> None:
-    """Run one statement and commit it (`query` only reads)."""
-    url = make_url(db_url)
-    conn = psycopg2.connect(dbname=url.database, user=url.username, host=url.query["host"])
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-    finally:
-        conn.close()
 
 
 def utc(model) -> datetime:

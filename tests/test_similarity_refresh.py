@@ -8,7 +8,7 @@ import time
 import numpy as np
 import psycopg2
 import pytest
-from helpers import assert_similarity_is_exact, query
+from helpers import assert_similarity_is_exact, execute, query
 from sketchfab_similarity import similarity
 from sketchfab_similarity.features import FeatureSpec
 from sketchfab_similarity.sharding import Shard
@@ -16,16 +16,6 @@ from sketchfab_similarity.vectors import FeatureBatch, LoadStats, load_batch
 from sqlalchemy.engine import make_url
 
 pytestmark = pytest.mark.integration
-
-
-def execute(db_url: str, sql: str, params: tuple = ()) -> None:
-    url = make_url(db_url)
-    conn = psycopg2.connect(dbname=url.database, user=url.username, host=url.query["host"])
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-    finally:
-        conn.close()
 
 
 def random_uids(rng: np.random.Generator, count: int) -> list[str]:

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import psycopg2
 import pytest
-from helpers import query
+from helpers import execute, query
 from sketchfab_similarity import similarity, vectors
 from sketchfab_similarity.features import FeatureSpec, PendingImage, write_feature_file
 from sketchfab_similarity.tasks import refresh_parts
 from sketchfab_similarity.thumbnails import ThumbnailStore
 from sketchfab_similarity.vectors import FeatureBatch, LoadStats
-from sqlalchemy.engine import make_url
-
-
-def execute(db_url: str, sql: str, params: tuple = ()) -> None:
-    url = make_url(db_url)
-    conn = psycopg2.connect(dbname=url.database, user=url.username, host=url.query["host"])
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-    finally:
-        conn.close()
 
 
 def unit_vectors(rng: np.random.Generator, count: int) -> np.ndarray:
