@@ -199,7 +199,7 @@ def make_plan(
             recompute = everything
     mode = "full" if reason else "incremental" if len(new) or gone else "none"
     digest = hashlib.sha256(f"{version}|{n}|{mode}|{parts}|".encode())
-    for part in (members.tobytes(), "\n".join(uids.tolist()).encode(), hashes.tobytes()):
+    for part in (members.tobytes(), uids.astype("S32").tobytes(), hashes.tobytes()):
         digest.update(part)
     last_uid = members["last_uid"].astype("U32")[at] if len(members) else np.zeros(total, "U32")
     last_index = np.searchsorted(uids, last_uid).clip(0, max(total - 1, 0))
@@ -378,20 +378,31 @@ def write_staging(db_url: str, plan: Plan, part: int, lists: Lists) -> None:
             lists.scores.ravel()[entries].astype(np.float32),
         ]
     )
-    summary = io.StringIO()
-    for i, row in enumerate(lists.rows.tolist()):
-        last = (
-            f"{np.format_float_positional(lists.scores[i, -1], unique=True)}\t{plan.uids[lists.indices[i, -1]]}"
-            if k
-            else "\\N\t\\N"
+    # One row per list; an empty list (a table of one model) has no last entry: NULLs, so text COPY.
+    if k:
+        summary = copy_rows(
+            [
+                np.full(count, np.bytes_(plan.plan_id)),
+                np.full(count, part, np.int32),
+                uids[lists.rows],
+                plan.hashes[lists.rows],
+                np.full(count, k, np.int32),
+                lists.scores[:, -1].astype(np.float32),
+                uids[lists.indices[:, -1]],
+            ]
         )
-        summary.write(f"{plan.plan_id}\t{part}\t{plan.uids[row]}\t{plan.hashes[row]}\t{k}\t{last}\n")
-    summary.seek(0)
+        summary_sql = "COPY similarity_staging_lists FROM STDIN (FORMAT binary)"
+    else:
+        summary = "".join(
+            f"{plan.plan_id}\t{part}\t{plan.uids[row]}\t{plan.hashes[row]}\t0\t\\N\t\\N\n"
+            for row in lists.rows.tolist()
+        ).encode()
+        summary_sql = "COPY similarity_staging_lists FROM STDIN"
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
         for table in ("similarity_staging", "similarity_staging_lists"):
             cur.execute(f"DELETE FROM {table} WHERE plan_id = %s AND part = %s", (plan.plan_id, part))  # noqa: S608
         cur.copy_expert("COPY similarity_staging FROM STDIN (FORMAT binary)", io.BytesIO(rows))
-        cur.copy_expert("COPY similarity_staging_lists FROM STDIN", summary)
+        cur.copy_expert(summary_sql, io.BytesIO(summary))
 
 
 def publish(cur, plan: Plan, shrinks: bool) -> tuple[int, int]:
