@@ -9,18 +9,21 @@ from:
   changed or removed model, are computed from scratch against all models; every other
   list only takes in the new models that beat its current last entry. The work grows
   with (changed lists) x (all models), not with the square of the table;
-- **full**: when the feature version or N changes, when asked, or when the incremental
-  work would cost more than a rebuild.
+- **full**: when the feature version or N changes, when asked, when the incremental
+  work would cost more than a rebuild, or when a list read back does not match the
+  bookkeeping (a hand-edited table).
 
 Scores come from `topn` (blocked matrix products, partial sorting, float64 rescoring), so
 every score is a pure function of the two vectors and an incremental refresh produces
 exactly the table a full rebuild would.
 
-Computed lists go to the staging tables; the last part to finish publishes them into
-`model_similarity` in one transaction, rewriting only rows that differ. Readers keep their
-MVCC snapshot, so they see the old table or the new one, never a mix, and are never
-blocked. A full rebuild can be split into parts (`refresh_parts`) that run as parallel
-mapped Airflow tasks, each computing the lists of its shard of uids.
+Computed lists (only their changed entries, for lists updated in place) go to the staging
+tables; the last part to finish publishes them into `model_similarity` in one transaction
+that updates, inserts and deletes only rows that differ. Readers keep their MVCC snapshot,
+so they see the old table or the new one, never a mix, and never wait for a lock (a table
+swap would need an exclusive lock; see bench/bench_publish.py). A refresh can be split into
+parts (`refresh_parts`) that run as parallel mapped Airflow tasks on several workers, each
+computing the lists of its shard of uids.
 """
 
 from __future__ import annotations
