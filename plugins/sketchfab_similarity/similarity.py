@@ -185,13 +185,14 @@ def make_plan(
         else f"N changed from {state.get('top_n')} to {n}" if state.get("top_n") != n
         else ""
     )  # fmt: skip
-    member_uids = members["uid"].astype("U32")
-    at = np.searchsorted(member_uids, uids).clip(0, max(len(members) - 1, 0))
-    listed = np.zeros(total, bool) if not len(members) else member_uids[at] == uids
+    uid_bytes = uids.astype("S32")  # compared as bytes: 4x less to move than unicode
+    member_uids = members["uid"]
+    at = np.searchsorted(member_uids, uid_bytes).clip(0, max(len(members) - 1, 0))
+    listed = np.zeros(total, bool) if not len(members) else member_uids[at] == uid_bytes
     same = listed & (members["hash"][at] == hashes) if len(members) else listed
     new = np.flatnonzero(~same)
     changed = int((listed & ~same).sum())
-    gone = member_uids[~np.isin(member_uids, uids)].tolist()
+    gone = [u.decode() for u in member_uids[~np.isin(member_uids, uid_bytes)].tolist()]
     recompute = everything
     if not reason:
         replaced = gone + uids[listed & ~same].tolist()
@@ -202,18 +203,18 @@ def make_plan(
             recompute = everything
     mode = "full" if reason else "incremental" if len(new) or gone else "none"
     digest = hashlib.sha256(f"{version}|{n}|{mode}|{parts}|".encode())
-    for part in (members.tobytes(), uids.astype("S32").tobytes(), hashes.tobytes()):
+    for part in (members.tobytes(), uid_bytes.tobytes(), hashes.tobytes()):
         digest.update(part)
-    last_uid = members["last_uid"].astype("U32")[at] if len(members) else np.zeros(total, "U32")
-    last_index = np.searchsorted(uids, last_uid).clip(0, max(total - 1, 0))
-    has_last = listed & (uids[last_index] == last_uid) if total else listed
+    last_uid = members["last_uid"][at] if len(members) else np.zeros(total, "S32")
+    last_index = np.searchsorted(uid_bytes, last_uid).clip(0, max(total - 1, 0))
+    has_last = listed & (uid_bytes[last_index] == last_uid) if total else listed
     return Plan(
         version=version,
         n=n,
         mode=mode,
         reason=reason or ("nothing changed" if mode == "none" else "new, changed or removed vectors"),
         uids=uids,
-        uid_bytes=uids.astype("S32"),
+        uid_bytes=uid_bytes,
         matrix=matrix,
         hashes=hashes,
         new=new if mode != "full" else everything,
@@ -296,8 +297,10 @@ def compute_incremental(plan: Plan, shard: Shard, tile: int, db_url: str, progre
         new_rows = np.flatnonzero(is_new[rows])
         if len(new_rows) and kept.any():
             part = block if len(new_rows) == len(rows) else block[new_rows]
-            a, u = np.nonzero(part >= cut[column : column + block.shape[1]])
-            pairs.append((column + u, rows[new_rows[a]]))
+            bar_here = cut[column : column + block.shape[1]]
+            cols = np.flatnonzero(part.max(axis=0) >= bar_here)  # lists any new model may enter
+            a, u = np.nonzero(part[:, cols] >= bar_here[cols])
+            pairs.append((column + cols[u], rows[new_rows[a]]))
 
     # New rows of this part are query rows anyway: their products double as candidate checks.
     rec_idx, rec_scores = topn.top_n_rows(plan.matrix, recompute, plan.n, tile, progress.advance, candidates)
