@@ -5,8 +5,9 @@ Both replace every row of model_similarity (N models x top-20; a new feature ver
 table is visible, how long readers were locked out, reader latency (p50, p99, max) during the
 publish, errors and short lists.
 
-    python bench/bench_publish.py            # 50,000 models
-    python bench/bench_publish.py --quick    # 10,000 models
+    python bench/bench_publish.py                   # 20,000 models (about a minute)
+    python bench/bench_publish.py --models 50000    # 1,000,000 rows (about three minutes)
+    python bench/bench_publish.py --quick           # 10,000 models
 """
 
 from __future__ import annotations
@@ -120,29 +121,32 @@ def swap_publish(socket_dir: str, plan: similarity.Plan) -> dict:
         )
         cur.execute("ALTER TABLE model_similarity_next ADD PRIMARY KEY (uid, rank)")
         cur.execute("ANALYZE model_similarity_next")
-        # The renames need an exclusive lock: wait at most a moment for running readers (new ones
-        # queue behind the waiting lock), and try again rather than stall every reader.
-        for attempt in range(1, 21):
+        # The renames need an exclusive lock: wait a bounded time for running readers (new ones
+        # queue behind the waiting lock), and try again rather than stall every reader. The wait
+        # must outlast deadlock_timeout (1 s), or an autovacuum of the old table is never told to yield.
+        errors = []
+        for attempt in range(1, 11):
             start = time.perf_counter()
             try:
                 cur.execute("BEGIN")
-                cur.execute("SET LOCAL lock_timeout = '200ms'")
+                cur.execute("SET LOCAL lock_timeout = '2s'")
                 cur.execute("ALTER TABLE model_similarity RENAME TO model_similarity_old")
                 cur.execute("ALTER TABLE model_similarity_next RENAME TO model_similarity")
                 cur.execute("DROP TABLE model_similarity_old CASCADE")  # takes the view with it
                 cur.execute((Path(SQL_DIR) / "061_similarity_sql.sql").read_text())  # so recreate it
                 cur.execute("COMMIT")
                 return {"locked": time.perf_counter() - start, "attempts": attempt}
-            except psycopg2.errors.LockNotAvailable:
+            except psycopg2.errors.LockNotAvailable as exc:
+                errors.append(str(exc).splitlines()[0])
                 cur.execute("ROLLBACK")
-        raise RuntimeError("table swap: no exclusive lock in 20 attempts")
+        raise RuntimeError(f"table swap: no exclusive lock in 10 attempts: {errors[-1]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", type=int, default=50_000)
+    parser.add_argument("--models", type=int, default=20_000)
     parser.add_argument("--quick", action="store_true", help="10,000 models")
     args = parser.parse_args()
     if args.quick:

@@ -9,18 +9,21 @@ from:
   changed or removed model, are computed from scratch against all models; every other
   list only takes in the new models that beat its current last entry. The work grows
   with (changed lists) x (all models), not with the square of the table;
-- **full**: when the feature version or N changes, when asked, or when the incremental
-  work would cost more than a rebuild.
+- **full**: when the feature version or N changes, when asked, when the incremental
+  work would cost more than a rebuild, or when a list read back does not match the
+  bookkeeping (a hand-edited table).
 
 Scores come from `topn` (blocked matrix products, partial sorting, float64 rescoring), so
 every score is a pure function of the two vectors and an incremental refresh produces
 exactly the table a full rebuild would.
 
-Computed lists go to the staging tables; the last part to finish publishes them into
-`model_similarity` in one transaction, rewriting only rows that differ. Readers keep their
-MVCC snapshot, so they see the old table or the new one, never a mix, and are never
-blocked. A full rebuild can be split into parts (`refresh_parts`) that run as parallel
-mapped Airflow tasks, each computing the lists of its shard of uids.
+Computed lists (only their changed entries, for lists updated in place) go to the staging
+tables; the last part to finish publishes them into `model_similarity` in one transaction
+that updates, inserts and deletes only rows that differ. Readers keep their MVCC snapshot,
+so they see the old table or the new one, never a mix, and never wait for a lock (a table
+swap would need an exclusive lock; see bench/bench_publish.py). A refresh can be split into
+parts (`refresh_parts`) that run as parallel mapped Airflow tasks on several workers, each
+computing the lists of its shard of uids.
 """
 
 from __future__ import annotations
@@ -182,13 +185,14 @@ def make_plan(
         else f"N changed from {state.get('top_n')} to {n}" if state.get("top_n") != n
         else ""
     )  # fmt: skip
-    member_uids = members["uid"].astype("U32")
-    at = np.searchsorted(member_uids, uids).clip(0, max(len(members) - 1, 0))
-    listed = np.zeros(total, bool) if not len(members) else member_uids[at] == uids
+    uid_bytes = uids.astype("S32")  # compared as bytes: 4x less to move than unicode
+    member_uids = members["uid"]
+    at = np.searchsorted(member_uids, uid_bytes).clip(0, max(len(members) - 1, 0))
+    listed = np.zeros(total, bool) if not len(members) else member_uids[at] == uid_bytes
     same = listed & (members["hash"][at] == hashes) if len(members) else listed
     new = np.flatnonzero(~same)
     changed = int((listed & ~same).sum())
-    gone = member_uids[~np.isin(member_uids, uids)].tolist()
+    gone = [u.decode() for u in member_uids[~np.isin(member_uids, uid_bytes)].tolist()]
     recompute = everything
     if not reason:
         replaced = gone + uids[listed & ~same].tolist()
@@ -199,18 +203,18 @@ def make_plan(
             recompute = everything
     mode = "full" if reason else "incremental" if len(new) or gone else "none"
     digest = hashlib.sha256(f"{version}|{n}|{mode}|{parts}|".encode())
-    for part in (members.tobytes(), "\n".join(uids.tolist()).encode(), hashes.tobytes()):
+    for part in (members.tobytes(), uid_bytes.tobytes(), hashes.tobytes()):
         digest.update(part)
-    last_uid = members["last_uid"].astype("U32")[at] if len(members) else np.zeros(total, "U32")
-    last_index = np.searchsorted(uids, last_uid).clip(0, max(total - 1, 0))
-    has_last = listed & (uids[last_index] == last_uid) if total else listed
+    last_uid = members["last_uid"][at] if len(members) else np.zeros(total, "S32")
+    last_index = np.searchsorted(uid_bytes, last_uid).clip(0, max(total - 1, 0))
+    has_last = listed & (uid_bytes[last_index] == last_uid) if total else listed
     return Plan(
         version=version,
         n=n,
         mode=mode,
         reason=reason or ("nothing changed" if mode == "none" else "new, changed or removed vectors"),
         uids=uids,
-        uid_bytes=uids.astype("S32"),
+        uid_bytes=uid_bytes,
         matrix=matrix,
         hashes=hashes,
         new=new if mode != "full" else everything,
@@ -293,8 +297,10 @@ def compute_incremental(plan: Plan, shard: Shard, tile: int, db_url: str, progre
         new_rows = np.flatnonzero(is_new[rows])
         if len(new_rows) and kept.any():
             part = block if len(new_rows) == len(rows) else block[new_rows]
-            a, u = np.nonzero(part >= cut[column : column + block.shape[1]])
-            pairs.append((column + u, rows[new_rows[a]]))
+            bar_here = cut[column : column + block.shape[1]]
+            cols = np.flatnonzero(part.max(axis=0) >= bar_here)  # lists any new model may enter
+            a, u = np.nonzero(part[:, cols] >= bar_here[cols])
+            pairs.append((column + cols[u], rows[new_rows[a]]))
 
     # New rows of this part are query rows anyway: their products double as candidate checks.
     rec_idx, rec_scores = topn.top_n_rows(plan.matrix, recompute, plan.n, tile, progress.advance, candidates)
@@ -378,20 +384,31 @@ def write_staging(db_url: str, plan: Plan, part: int, lists: Lists) -> None:
             lists.scores.ravel()[entries].astype(np.float32),
         ]
     )
-    summary = io.StringIO()
-    for i, row in enumerate(lists.rows.tolist()):
-        last = (
-            f"{np.format_float_positional(lists.scores[i, -1], unique=True)}\t{plan.uids[lists.indices[i, -1]]}"
-            if k
-            else "\\N\t\\N"
+    # One row per list; an empty list (a table of one model) has no last entry: NULLs, so text COPY.
+    if k:
+        summary = copy_rows(
+            [
+                np.full(count, np.bytes_(plan.plan_id)),
+                np.full(count, part, np.int32),
+                uids[lists.rows],
+                plan.hashes[lists.rows],
+                np.full(count, k, np.int32),
+                lists.scores[:, -1].astype(np.float32),
+                uids[lists.indices[:, -1]],
+            ]
         )
-        summary.write(f"{plan.plan_id}\t{part}\t{plan.uids[row]}\t{plan.hashes[row]}\t{k}\t{last}\n")
-    summary.seek(0)
+        summary_sql = "COPY similarity_staging_lists FROM STDIN (FORMAT binary)"
+    else:
+        summary = "".join(
+            f"{plan.plan_id}\t{part}\t{plan.uids[row]}\t{plan.hashes[row]}\t0\t\\N\t\\N\n"
+            for row in lists.rows.tolist()
+        ).encode()
+        summary_sql = "COPY similarity_staging_lists FROM STDIN"
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
         for table in ("similarity_staging", "similarity_staging_lists"):
             cur.execute(f"DELETE FROM {table} WHERE plan_id = %s AND part = %s", (plan.plan_id, part))  # noqa: S608
         cur.copy_expert("COPY similarity_staging FROM STDIN (FORMAT binary)", io.BytesIO(rows))
-        cur.copy_expert("COPY similarity_staging_lists FROM STDIN", summary)
+        cur.copy_expert(summary_sql, io.BytesIO(summary))
 
 
 def publish(cur, plan: Plan, shrinks: bool) -> tuple[int, int]:
