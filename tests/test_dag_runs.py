@@ -92,6 +92,40 @@ def test_concurrent_runs_never_both_get_the_lease(fresh_db):
     assert holder == winners[0]
 
 
+def test_run_summary_keeps_counts_and_failure_reasons_of_mapped_stages():
+    download_shards = [
+        {"candidates": 4, "fetched": 3, "failed": 1, "stored_new": 3, "failures_by_reason": {"http 404": 1}},
+        {
+            "candidates": 2,
+            "fetched": 0,
+            "failed": 2,
+            "stored_new": 0,
+            "failures_by_reason": {"http 404": 1, "timeout": 1},
+        },
+    ]
+    load = {
+        "feature_version": "v1",
+        "loaded": 3,
+        "changed": 3,
+        "rejected": 1,
+        "files": ["f"],
+        "rejects_by_reason": {"norm": 1},
+        "reject_reasons": {"u9": "norm: 2 is not 1"},
+    }
+    version, counts = tasks.run_counts({"download_thumbnails": download_shards, "load_vectors": load})
+    assert version == "v1"
+    assert counts == {
+        "download_thumbnails": {
+            "candidates": 6,
+            "fetched": 3,
+            "failed": 3,
+            "stored_new": 3,
+            "failures_by_reason": {"http 404": 2, "timeout": 1},
+        },
+        "load_vectors": {"loaded": 3, "changed": 3, "rejected": 1, "rejects_by_reason": {"norm": 1}},
+    }
+
+
 @pytest.mark.integration
 def test_run_summary_is_replaced_by_a_rerun(fresh_db):
     for upserted in (5, 7):

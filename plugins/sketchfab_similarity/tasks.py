@@ -222,14 +222,27 @@ def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = No
     return asdict(stats)
 
 
-# Per stage, the counts worth a line in the run summary (the full results stay in each task's XCom).
+# Per stage, the counts worth a line in the run summary, with why items failed (the full results stay
+# in each task's XCom).
 SUMMARY_FIELDS = {
     "crawl_models": ("pages", "seen", "upserted", "rejected"),
-    "download_thumbnails": ("candidates", "fetched", "failed", "stored_new"),
+    "download_thumbnails": ("candidates", "fetched", "failed", "stored_new", "failures_by_reason"),
     "extract_features": ("extracted", "failed"),
-    "load_vectors": ("loaded", "changed", "rejected"),
+    "load_vectors": ("loaded", "changed", "rejected", "rejects_by_reason"),
     "refresh_similarity": ("models", "rows"),
 }
+
+
+def run_counts(results: Mapping[str, Any]) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """(feature version, per-stage summary fields) from each stage's XCom or its mapped XComs."""
+    counts: dict[str, dict[str, Any]] = {}
+    feature_version = None
+    for stage, result in results.items():
+        merged = runs.combine([result] if isinstance(result, Mapping) else mapped_results(result))
+        feature_version = merged.get("feature_version") or feature_version
+        fields = SUMMARY_FIELDS.get(stage, tuple(k for k, v in merged.items() if isinstance(v, int)))
+        counts[stage] = {k: merged[k] for k in fields if k in merged}
+    return feature_version, counts
 
 
 def summarize_run(context: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,13 +250,7 @@ def summarize_run(context: dict[str, Any], results: Mapping[str, Any]) -> dict[s
 
     `results` maps a stage's task id to its XCom, or to the list of XComs of its mapped tasks.
     """
-    counts: dict[str, Any] = {}
-    feature_version = None
-    for stage, result in results.items():
-        merged = runs.combine([result] if isinstance(result, Mapping) else mapped_results(result))
-        feature_version = merged.get("feature_version") or feature_version
-        fields = SUMMARY_FIELDS.get(stage, tuple(k for k, v in merged.items() if isinstance(v, int)))
-        counts[stage] = {k: merged[k] for k in fields if k in merged}
+    feature_version, counts = run_counts(results)
     settings = settings_for(context)
     dag_run = context["dag_run"]
     run_type = getattr(dag_run.run_type, "value", dag_run.run_type)
