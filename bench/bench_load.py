@@ -38,27 +38,34 @@ UPSERT = """
 """
 
 
+def vector_literals(matrix: np.ndarray) -> list[str]:
+    """pgvector text literals. Nine significant digits round-trip every float32 exactly; one
+    %-format per vector is the fastest exact text formatting we found in Python (5x faster than
+    formatting each element)."""
+    vector_format = "[" + ",".join(["%.9g"] * matrix.shape[1]) + "]"
+    return [vector_format % tuple(vector) for vector in matrix.tolist()]
+
+
 def naive_inserts(socket_dir: str, uids: list[str], matrix: np.ndarray) -> float:
     """One INSERT ... ON CONFLICT per vector, pgvector's text literal, one transaction."""
     start = time.perf_counter()
     with connect(socket_dir) as conn, conn.cursor() as cur:
         cur.execute("BEGIN")
-        for uid, vector in zip(uids, matrix, strict=True):
+        for uid, vector in zip(uids, vector_literals(matrix), strict=True):
             cur.execute(
                 "INSERT INTO model_embeddings (uid, embedding, feature_version, content_hash) "
                 "VALUES (%s, %s::vector, %s, 'h') ON CONFLICT (uid) DO UPDATE SET embedding = EXCLUDED.embedding",
-                (uid, "[" + ",".join(map(repr, vector.tolist())) + "]", VERSION),
+                (uid, vector, VERSION),
             )
         cur.execute("COMMIT")
     return time.perf_counter() - start
 
 
 def text_copy(socket_dir: str, uids: list[str], matrix: np.ndarray) -> float:
-    """Text COPY into staging, then one upsert: exact float32 text (shortest round-trip digits)."""
+    """Text COPY into staging, then one upsert (formatting the text is part of the cost)."""
     start = time.perf_counter()
     lines = "".join(
-        f"{uid}\t[{','.join(np.format_float_positional(x, unique=True, trim='-') for x in vector)}]\th\n"
-        for uid, vector in zip(uids, matrix, strict=True)
+        f"{uid}\t{vector}\th\n" for uid, vector in zip(uids, vector_literals(matrix), strict=True)
     )
     with connect(socket_dir) as conn, conn.cursor() as cur:
         cur.execute("BEGIN")
@@ -155,6 +162,10 @@ def main() -> None:
         "Loading 512-d vectors into model_embeddings (no HNSW index during the load unless stated)",
         ["method", "vectors/s", "load_vectors is x faster"],
         rows,
+    )
+    print(
+        "  load_vectors phases: "
+        + ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in loaded.seconds.items())
     )
     print(
         f"  HNSW index (m=16, ef_construction=64) built after the bulk load: {loaded.seconds['index']:.1f}s "
