@@ -190,6 +190,20 @@ def test_parts_publish_once_when_the_last_finishes_and_match_a_single_refresh(ma
     assert query(settings.db_url, "SELECT count(*) FROM similarity_staging")[0][0] == 0
 
 
+def test_keras_engine_rebuilds_the_same_table_whole_or_in_parts(make_settings):
+    rng = np.random.default_rng(8)
+    settings = make_settings(top_n=6, refresh_tile=64)
+    put_vectors(settings, random_uids(rng, 300), Vectors(rng).make(300))
+    similarity.refresh_similarity(settings.with_overrides(refresh_engine="numpy"), full=True)
+    on_numpy = table(settings.db_url)
+    keras = settings.with_overrides(refresh_engine="keras")
+    assert similarity.refresh_similarity(keras, full=True).rows_written == 0
+    parts = [similarity.refresh_similarity(keras, full=True, shard=s, run_key="keras") for s in Shard.all(2)]
+    assert parts[-1].published and parts[-1].rows_written == 0
+    assert table(settings.db_url) == on_numpy
+    assert_similarity_is_exact(settings.db_url, 6)
+
+
 def test_parts_that_saw_different_embeddings_refuse_to_publish(make_settings):
     rng = np.random.default_rng(7)
     vectors = Vectors(rng)

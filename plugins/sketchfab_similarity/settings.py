@@ -19,6 +19,7 @@ from sqlalchemy.engine import URL
 API_CONN_ID = "sketchfab_api"
 DB_CONN_ID = "similarity_db"
 DEFAULT_API_BASE_URL = "https://api.sketchfab.com"
+REFRESH_ENGINES = ("auto", "numpy", "keras")
 
 
 def default_thumbnail_store() -> str:
@@ -158,6 +159,10 @@ class Settings:
     at a few hundred vectors/s, a bulk build about five times faster."""
     refresh_tile: int = 2048
     """Rows x columns per block of the exact top-N matrix products (about tile^2 x 4 bytes per block)."""
+    refresh_engine: str = "auto"
+    """Variable `similarity_refresh_engine`: where full rebuilds compute their products. auto (Keras
+    on a GPU when the worker has one, numpy otherwise), numpy, or keras (Keras' backend, GPU or not).
+    Incremental refreshes always use numpy: their work is small."""
     refresh_parts: int = 1
     """Parallel mapped `refresh_similarity` tasks that each compute a share of the top-N lists
     before one atomic publish. Part of the DAG's shape, so it is read when the DAG is parsed,
@@ -191,6 +196,10 @@ class Settings:
                 "HNSW parameters need ef_search >= 1, m >= 2 and ef_construction >= 2 * m, got "
                 f"ef_search={self.hnsw_ef_search}, m={self.hnsw_m}, ef_construction={self.hnsw_ef_construction}"
             )
+        if self.refresh_engine not in REFRESH_ENGINES:
+            raise ValueError(
+                f"similarity_refresh_engine must be one of {', '.join(REFRESH_ENGINES)}, got {self.refresh_engine!r}"
+            )
         if self.refresh_parts < 1 or self.refresh_tile < 32:
             raise ValueError(
                 f"similarity_refresh_parts must be >= 1 and refresh_tile >= 32, got {self.refresh_parts}, "
@@ -220,6 +229,7 @@ VARIABLES: dict[str, str] = {
     "similarity_jpeg_decode": "jpeg_decode",
     "similarity_extract_precision": "extract_precision",
     "similarity_extract_engine": "extract_engine",
+    "similarity_refresh_engine": "refresh_engine",
     "similarity_decode_workers": "decode_workers",
     "similarity_schedule": "schedule",
     "similarity_catchup": "catchup",

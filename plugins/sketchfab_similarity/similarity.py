@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import topn
+from . import topn, topn_keras
 from .db import connect
 from .features import EMBEDDING_DIM, FeatureSpec
 from .progress import Progress
@@ -237,12 +237,15 @@ def shard_rows(plan: Plan, shard: Shard) -> np.ndarray:
     return np.array([shard.contains(u) for u in plan.uids.tolist()], dtype=bool)
 
 
-def compute_full(plan: Plan, shard: Shard, tile: int, progress: Progress) -> Lists:
-    if shard.count == 1:
+def compute_full(plan: Plan, shard: Shard, tile: int, engine: str, progress: Progress) -> Lists:
+    """Every list of this shard: the symmetric numpy search for the whole table, query blocks
+    for a shard, or candidates from the Keras device (each gives the same lists)."""
+    if shard.count == 1 and engine == "numpy":
         indices, scores = topn.top_n_all(plan.matrix, plan.n, tile, progress.advance)
         return Lists(np.arange(len(plan.uids)), indices, scores)
     rows = np.flatnonzero(shard_rows(plan, shard))
-    indices, scores = topn.top_n_rows(plan.matrix, rows, plan.n, tile, progress.advance)
+    search = topn_keras.top_n_rows if engine == "keras" else topn.top_n_rows
+    indices, scores = search(plan.matrix, rows, plan.n, tile, progress.advance)
     return Lists(rows, indices, scores)
 
 
@@ -612,5 +615,7 @@ def compute(plan: Plan, shard: Shard, settings: Settings, progress: Progress) ->
     if plan.mode == "none":
         return None
     if plan.mode == "full":
-        return compute_full(plan, shard, settings.refresh_tile, progress)
+        engine = topn_keras.choose_engine(settings.refresh_engine)
+        log.info("full rebuild on the %s engine", engine)
+        return compute_full(plan, shard, settings.refresh_tile, engine, progress)
     return compute_incremental(plan, shard, settings.refresh_tile, settings.db_url, progress)
