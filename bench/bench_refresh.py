@@ -10,6 +10,7 @@
 
     python bench/bench_refresh.py            # 50,000 x 512, 500 new, pgvector way on 10,000
     python bench/bench_refresh.py --quick    # 10,000 x 512, 100 new, pgvector way on 2,000
+    python bench/bench_refresh.py --keras    # also the Keras-device engine (the GPU path, if any)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from similarity_bench_db import (
     settings_for,
     temp_database,
 )
-from sketchfab_similarity import similarity, topn
+from sketchfab_similarity import similarity, topn, topn_keras
 from sketchfab_similarity.features import FeatureSpec
 from sketchfab_similarity.vectors import FeatureBatch, LoadStats, load_batch
 
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--top-n", type=int, default=20)
     parser.add_argument("--pgvector-models", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="10,000 models, 100 new, pgvector way on 2,000")
+    parser.add_argument("--keras", action="store_true", help="also time the Keras engine (GPU when visible)")
     args = parser.parse_args()
     if args.quick:
         args.models, args.new, args.pgvector_models = 10_000, 100, 2_000
@@ -114,8 +116,24 @@ def main() -> None:
 
     matrix = random_unit(args.models + args.new, seed=0)
     base, extra = matrix[: args.models], matrix[args.models :]
-    _, ours = timed(topn.top_n_all, base, args.top_n)
+    exact, ours = timed(topn.top_n_all, base, args.top_n)
     theirs = faiss_top_n(base, args.top_n)
+    compute_rows = [
+        ["FAISS IndexFlatIP (exact, k=N+1)", theirs, 1.0],
+        ["ours: symmetric blocked sgemm + partial sort + float64 rescoring", ours, ours / theirs],
+    ]
+    if args.keras:
+        from sketchfab_similarity.features import gpu_available
+
+        device = "GPU" if gpu_available() else "CPU"
+        topn_keras.top_n_rows(base[:1000], np.arange(1000), args.top_n)  # warm-up: backend start, kernels
+        on_device, keras_s = timed(topn_keras.top_n_rows, base, np.arange(len(base)), args.top_n)
+        assert all(np.array_equal(a, b) for a, b in zip(on_device, exact, strict=True)), (
+            "Keras engine differs"
+        )
+        compute_rows.append(
+            [f"ours, Keras engine on the {device} (identical lists)", keras_s, keras_s / theirs]
+        )
 
     with temp_database() as (db_url, socket_dir):
         settings = settings_for(db_url, top_n=args.top_n)
@@ -141,10 +159,7 @@ def main() -> None:
     print_table(
         f"Full rebuild, exact top-{args.top_n} of {args.models:,} x 512 (compute only)",
         ["method", "seconds", "vs FAISS"],
-        [
-            ["FAISS IndexFlatIP (exact, k=N+1)", theirs, 1.0],
-            ["ours: symmetric blocked sgemm + partial sort + float64 rescoring", ours, ours / theirs],
-        ],
+        compute_rows,
     )
     print_table(
         "Refresh end to end through refresh_similarity (read vectors, compute, stage, publish)",
