@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import execute, query
 from sketchfab_similarity import similarity, vectors
+from sketchfab_similarity.db import connect
 from sketchfab_similarity.features import FeatureSpec, PendingImage, write_feature_file
 from sketchfab_similarity.tasks import refresh_parts
 from sketchfab_similarity.thumbnails import ThumbnailStore
@@ -242,3 +246,34 @@ def test_sql_functions_and_view(make_settings):
     execute(settings.db_url, "DELETE FROM model_similarity WHERE uid = %s", (uid,))
     fallback = query(settings.db_url, "SELECT uid FROM similar_models(%s, 3)", (uid,))
     assert [r[0] for r in fallback] == [u for u, _ in listed[:3]]
+
+
+def readme_sql_examples() -> list[str]:
+    """The statements of the README's "SQL for users" block, in order."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## SQL for users", 1)[1]
+    block = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    code = "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("--"))
+    return [statement.strip() for statement in code.split(";") if statement.strip()]
+
+
+@pytest.mark.integration
+def test_readme_sql_examples_run_as_written(make_settings):
+    settings = make_settings(top_n=5)
+    uids = uids_for(40)
+    add_models(settings.db_url, uids)
+    vectors.load_vectors(
+        settings, write_files(settings, uids, unit_vectors(np.random.default_rng(9), 40), 64)
+    )
+    similarity.refresh_similarity(settings)
+    statements = readme_sql_examples()
+    assert len(statements) >= 6
+    example_uids = sorted(set(re.findall(r"'([0-9a-f]{32})'", "\n".join(statements))))
+    assert example_uids, "the examples name models by uid"
+    with connect(settings.db_url, vectors=False) as conn, conn.cursor() as cur:
+        for statement in statements:
+            for example, uid in zip(example_uids, uids, strict=False):
+                statement = statement.replace(example, uid)
+            cur.execute(statement)
+            if statement.upper().startswith("SELECT"):
+                assert cur.fetchall(), f"no rows from the README example:\n{statement}"
