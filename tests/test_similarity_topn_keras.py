@@ -56,3 +56,11 @@ def test_auto_engine_stays_on_numpy_without_a_gpu(monkeypatch):
     monkeypatch.setattr(topn_keras, "gpu_device_files", lambda: False)
     assert topn_keras.choose_engine("auto") == "numpy"
     assert topn_keras.choose_engine("keras") == "keras"
+
+
+def test_all_identical_vectors_fall_back_for_every_row():
+    matrix = np.full((120, 512), 1 / np.sqrt(512), np.float32)
+    got = topn_keras.top_n_rows(matrix, np.arange(120), 20, query_block=50)
+    expected = topn.top_n_all(matrix, 20, tile=64)
+    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[0][0].tolist() == list(range(1, 21))
