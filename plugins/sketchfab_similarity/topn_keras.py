@@ -11,7 +11,7 @@ The result stays exact, and identical to `topn.top_n_all`, in three steps:
    left out can beat or tie the true n-th best, so the exact top n is among the candidates.
 3. The candidates are rescored by `topn.exact_scores` (float64, fixed order) and ranked by
    (score, index) like the CPU path. Rows the proof does not cover (crowded scores, many
-   duplicates) are computed by `topn.top_n_rows` instead.
+   identical vectors) are computed by `topn.top_n_rows` instead.
 
 Works with any Keras backend (TensorFlow, JAX, PyTorch); on a CPU it is slower than numpy and
 exists there for tests.
