@@ -1,5 +1,5 @@
 -- SQL for users: recommendations by uid, a browsable view, and ad-hoc vector search.
--- Supersedes similar_models() from 040 (same signature and columns).
+-- similar_models() keeps the signature and columns it had in earlier releases.
 
 -- Index search for a model that has a vector but no list yet (similar_models() falls back to it).
 -- hnsw.ef_search is set from the pipeline's settings (similarity_hnsw_ef_search) by load_vectors.
