@@ -159,6 +159,20 @@ def test_hand_edited_table_is_repaired_by_a_full_rebuild(make_settings):
     assert_similarity_is_exact(settings.db_url, 3)
 
 
+def test_bookkeeping_with_an_odd_width_uid_is_rebuilt_not_a_crash(make_settings):
+    rng = np.random.default_rng(9)
+    settings = make_settings(top_n=3)
+    put_vectors(settings, random_uids(rng, 20), Vectors(rng).make(20))
+    similarity.refresh_similarity(settings)
+    execute(settings.db_url, "INSERT INTO similarity_members VALUES ('short-uid', 1, 0, NULL, NULL)")
+    put_vectors(settings, random_uids(rng, 2), Vectors(rng).make(2))
+    repaired = similarity.refresh_similarity(settings)
+    assert repaired.mode == "full" and "not 32 characters long" in repaired.reason
+    assert_similarity_is_exact(settings.db_url, 3)
+    assert query(settings.db_url, "SELECT uid FROM similarity_members WHERE uid = 'short-uid'") == []
+    assert similarity.refresh_similarity(settings).skipped_unchanged
+
+
 def test_parts_publish_once_when_the_last_finishes_and_match_a_single_refresh(make_settings):
     rng = np.random.default_rng(6)
     vectors = Vectors(rng)

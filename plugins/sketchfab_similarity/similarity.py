@@ -45,7 +45,7 @@ from .features import EMBEDDING_DIM, FeatureSpec
 from .progress import Progress
 from .settings import Settings
 from .sharding import WHOLE, Shard
-from .vectors import PGCOPY_HEADER, PGCOPY_TRAILER, copy_rows, lap, read_embeddings
+from .vectors import copy_out_rows, copy_rows, lap, read_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +146,14 @@ MEMBER_ROW = np.dtype(
 def read_members(db_url: str) -> np.ndarray:
     """similarity_members sorted by uid, as a numpy record array (binary COPY, fixed-width rows;
     an empty list has last_score NaN and a blank last_uid)."""
-    buf = io.BytesIO()
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
-        cur.copy_expert(
+        rows = copy_out_rows(
+            cur,
             "COPY (SELECT uid, vector_hash, list_length, coalesce(last_score, 'NaN'), "
             "coalesce(last_uid, repeat(' ', 32)) FROM similarity_members ORDER BY uid) TO STDOUT (FORMAT binary)",
-            buf,
+            MEMBER_ROW,
         )
-    data = buf.getbuffer()
-    rows = np.frombuffer(data[len(PGCOPY_HEADER) : len(data) - len(PGCOPY_TRAILER)], dtype=MEMBER_ROW)
-    if not (np.all(rows["ulen"] == 32) and np.all(rows["lulen"] == 32)):
+    if rows is None or not (np.all(rows["ulen"] == 32) and np.all(rows["lulen"] == 32)):
         raise BookkeepingMismatch("similarity_members holds a uid that is not 32 characters long")
     return rows
 
@@ -168,17 +166,27 @@ def lists_containing(db_url: str, uids: list[str]) -> set[str]:
         return {r[0] for r in cur.fetchall()}
 
 
+def read_bookkeeping(db_url: str) -> tuple[dict, np.ndarray, str]:
+    """(state, members, why to rebuild): members that cannot be read count as none and force a
+    full rebuild, whose publish rewrites them."""
+    state = read_state(db_url)
+    try:
+        return state, read_members(db_url), ""
+    except BookkeepingMismatch as exc:
+        return state, np.zeros(0, MEMBER_ROW), str(exc)
+
+
 def make_plan(
     db_url: str, version: str, n: int, full: bool = False, parts: int = 1, reason: str = ""
 ) -> Plan:
     with ThreadPoolExecutor(1) as pool:  # the server reads the bookkeeping while we read the vectors
-        bookkeeping = pool.submit(lambda: (read_state(db_url), read_members(db_url)))
+        bookkeeping = pool.submit(read_bookkeeping, db_url)
         uids, matrix = read_embeddings(db_url, version)
         hashes = vector_hashes(matrix)
-        state, members = bookkeeping.result()
+        state, members, damaged = bookkeeping.result()
     total = len(uids)
     everything = np.arange(total)
-    reason = reason or (
+    reason = reason or damaged or (
         "full refresh requested" if full
         else "no published table yet" if not state.get("plan_id")
         else f"feature version changed from {state.get('feature_version')}" if state.get("feature_version") != version
@@ -258,21 +266,19 @@ LIST_ROW = np.dtype(
 def old_lists(db_url: str, uids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Rows (uid, rank, similar, score) of the published lists of these models ('S32' uids) whose
     score is at most the list's bound: the part of each list a new entry can move (binary COPY)."""
-    buf = io.BytesIO()
     with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
         cur.execute("SET LOCAL enable_hashjoin = off")  # probe the primary key per list
-        cur.copy_expert(
+        rows = copy_out_rows(
+            cur,
             cur.mogrify(
                 "COPY (SELECT s.uid, s.rank, s.similar_uid, s.score "
                 "FROM unnest(%s::text[], %s::real[]) AS t(uid, bound) "
                 "JOIN model_similarity s ON s.uid = t.uid AND s.score <= t.bound) TO STDOUT (FORMAT binary)",
                 ([u.decode() for u in uids.tolist()], bounds.tolist()),
             ).decode(),
-            buf,
+            LIST_ROW,
         )
-    data = buf.getbuffer()
-    rows = np.frombuffer(data[len(PGCOPY_HEADER) : len(data) - len(PGCOPY_TRAILER)], dtype=LIST_ROW)
-    if not (np.all(rows["ulen"] == 32) and np.all(rows["slen"] == 32)):
+    if rows is None or not (np.all(rows["ulen"] == 32) and np.all(rows["slen"] == 32)):
         raise BookkeepingMismatch("model_similarity holds a uid that is not 32 characters long")
     return rows
 

@@ -174,6 +174,20 @@ def read_embeddings(db_url: str, version: str) -> tuple[np.ndarray, np.ndarray]:
     return parse_embedding_copy(buf.getbuffer())
 
 
+def fixed_width_rows(data: memoryview | bytes, dtype: np.dtype) -> np.ndarray | None:
+    """The rows of a binary COPY ... TO as a record array of `dtype` (no copy), or None when the
+    body does not divide into such rows (a variable-width field is not the width `dtype` says)."""
+    body = memoryview(data)[len(PGCOPY_HEADER) : len(data) - len(PGCOPY_TRAILER)]
+    return np.frombuffer(body, dtype=dtype) if len(body) % dtype.itemsize == 0 else None
+
+
+def copy_out_rows(cur, sql: str, dtype: np.dtype) -> np.ndarray | None:
+    """Run a `COPY (...) TO STDOUT (FORMAT binary)` and read it with `fixed_width_rows`."""
+    buf = io.BytesIO()
+    cur.copy_expert(sql, buf)
+    return fixed_width_rows(buf.getbuffer(), dtype)
+
+
 def parse_embedding_copy(data: memoryview | bytes) -> tuple[np.ndarray, np.ndarray]:
     """(uids, vectors) of a binary COPY of (uid, embedding), sorted by uid."""
     body = memoryview(data)[len(PGCOPY_HEADER) : len(data) - len(PGCOPY_TRAILER)]
@@ -181,7 +195,7 @@ def parse_embedding_copy(data: memoryview | bytes) -> tuple[np.ndarray, np.ndarr
         [("fields", ">i2"), ("ulen", ">i4"), ("uid", "S32"), ("vlen", ">i4"), ("dim", ">i2"),
          ("unused", ">i2"), ("vec", ">f4", EMBEDDING_DIM)]
     )  # fmt: skip
-    rows = np.frombuffer(body, dtype=row_dtype) if len(body) % row_dtype.itemsize == 0 else None
+    rows = fixed_width_rows(data, row_dtype)
     if rows is not None and (
         np.all(rows["fields"] == 2)
         and np.all(rows["ulen"] == 32)
