@@ -27,6 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import topn
+from .features import configure_backend, gpu_available
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def choose_engine(requested: str) -> str:
         return requested
     if not gpu_device_files():
         return "numpy"
-    from .features import gpu_available
-
     return "keras" if gpu_available() else "numpy"
 
 
@@ -78,16 +77,16 @@ def disable_tf32() -> None:
 
 
 def device_candidates(
-    matrix: np.ndarray, query_rows: np.ndarray, keep: int, column_chunk: int
+    x, query_rows: np.ndarray, keep: int, column_chunk: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, device scores) of each query row's `keep` best columns (self excluded), best first."""
+    """(indices, device scores) of each query row's `keep` best columns (self excluded), best
+    first; `x` is the whole matrix as a tensor on the device."""
     from keras import ops
 
-    x = ops.convert_to_tensor(matrix)
     q = ops.take(x, ops.convert_to_tensor(query_rows), axis=0)
     q_ids = ops.expand_dims(ops.convert_to_tensor(query_rows.astype(np.int32)), 1)
     best_v = best_i = None
-    for cs in range(0, len(matrix), column_chunk):
+    for cs in range(0, x.shape[0], column_chunk):
         cols = x[cs : cs + column_chunk]
         block = ops.matmul(q, ops.transpose(cols))
         ids = ops.expand_dims(ops.arange(cs, cs + cols.shape[0], dtype="int32"), 0)
@@ -139,12 +138,16 @@ def top_n_rows(
     scores = np.empty((len(query_rows), k), np.float32)
     if k == 0 or not len(query_rows):
         return indices, scores
+    configure_backend()
+    from keras import ops
+
     disable_tf32()
+    on_device = ops.convert_to_tensor(x)  # copied to the device once, for every query block
     keep = min(k + SLACK, total - 1)
     fallback = 0
     for qs in range(0, len(query_rows), query_block):
         q_rows = query_rows[qs : qs + query_block]
-        cand, device_scores = device_candidates(x, q_rows, keep, column_chunk)
+        cand, device_scores = device_candidates(on_device, q_rows, keep, column_chunk)
         ok = proven(device_scores, k, total)
         out = slice(qs, qs + len(q_rows))
         indices[out][ok], scores[out][ok] = rank_candidates(x, q_rows[ok], cand[ok], k)
