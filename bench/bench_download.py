@@ -36,8 +36,9 @@ sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "tools")]
 
 import devenv  # noqa: E402
 import requests  # noqa: E402
-from sketchfab_similarity import crawl, db, thumbnails  # noqa: E402
-from sketchfab_similarity.settings import Settings  # noqa: E402
+from sketchfab_similarity import crawl, thumbnails  # noqa: E402
+from sketchfab_similarity.core import db  # noqa: E402
+from sketchfab_similarity.core.settings import Settings  # noqa: E402
 
 TARGET_RATIO = 20.0
 TARGET_RATE = 300.0
@@ -86,7 +87,7 @@ def sequential_loop(urls: list[str]) -> float:
 
 
 def pipeline_run(settings: Settings, store: Path, workers: int, expected: int) -> float:
-    with db.connect(settings.db_url, vectors=False) as conn, conn.cursor() as cur:
+    with db.connect(settings.db_url) as conn, conn.cursor() as cur:
         cur.execute("TRUNCATE model_thumbnails")
     run_settings = settings.with_overrides(thumbnail_store=str(store), download_workers=workers)
     started = time.perf_counter()

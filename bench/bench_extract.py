@@ -34,16 +34,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 from fake_sketchfab.render import SHAPE_CLASSES, render_thumbnail  # noqa: E402
-from sketchfab_similarity.features import (  # noqa: E402
-    FeatureExtractor,
-    FeatureSpec,
-    PendingImage,
-    cpu_count,
-    make_engine,
-    reference_model,
-    reference_vectors,
-)
-from sketchfab_similarity.settings import Settings  # noqa: E402
+from sketchfab_similarity.core.backend import cpu_count  # noqa: E402
+from sketchfab_similarity.core.featurespec import FeatureSpec  # noqa: E402
+from sketchfab_similarity.core.settings import Settings  # noqa: E402
+from sketchfab_similarity.features.engines import make_engine  # noqa: E402
+from sketchfab_similarity.features.extract import FeatureExtractor, PendingImage  # noqa: E402
+from sketchfab_similarity.features.reference import reference_model, reference_vectors  # noqa: E402
 
 MATMUL_N = 4096
 MATMUL_CODE = f"""

@@ -27,8 +27,7 @@ from similarity_bench_db import (
     temp_database,
 )
 from sketchfab_similarity import vectors
-from sketchfab_similarity.features import PendingImage, write_feature_file
-from sketchfab_similarity.thumbnails import ThumbnailStore
+from sketchfab_similarity.core.store import ArtifactStore, FeatureBatch
 
 VERSION = "bench"
 UPSERT = """
@@ -80,12 +79,14 @@ def text_copy(socket_dir: str, uids: list[str], matrix: np.ndarray) -> float:
 
 def feature_files(store_root: str, uids: list[str], matrix: np.ndarray, chunk: int = 2048) -> list[str]:
     """The files extract_features writes (2,048 vectors each)."""
-    store = ThumbnailStore(store_root)
+    store = ArtifactStore(store_root)
     keys = []
     for start in range(0, len(uids), chunk):
-        items = [PendingImage(u, f"t/{u}", f"h{u}") for u in uids[start : start + chunk]]
+        part = uids[start : start + chunk]
         keys.append(
-            write_feature_file(store, f"features/{start}.npz", VERSION, items, matrix[start : start + chunk])
+            store.write_features(
+                FeatureBatch(part, [f"h{u}" for u in part], matrix[start : start + chunk], VERSION)
+            )
         )
     return keys
 

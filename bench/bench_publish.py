@@ -30,10 +30,12 @@ from similarity_bench_db import (
     temp_database,
 )
 from sketchfab_similarity import similarity
-from sketchfab_similarity.db import SQL_DIR
-from sketchfab_similarity.progress import Progress
-from sketchfab_similarity.sharding import WHOLE
-from sketchfab_similarity.vectors import FeatureBatch, LoadStats, load_batch
+from sketchfab_similarity.core.db import SQL_DIR
+from sketchfab_similarity.core.progress import Progress
+from sketchfab_similarity.core.sharding import WHOLE
+from sketchfab_similarity.core.store import FeatureBatch
+from sketchfab_similarity.similarity import refresh
+from sketchfab_similarity.vectors.load import LoadStats, load_batch
 
 READERS = 8
 
@@ -91,24 +93,24 @@ class Readers:
         return elapsed, list(self.latencies), self.short, list(self.errors)
 
 
-def staged_plan(settings, socket_dir: str, version: str) -> similarity.Plan:
+def staged_plan(settings, socket_dir: str, version: str) -> refresh.Plan:
     """Every vector re-tagged with a new feature version, all lists computed and staged."""
     with connect(socket_dir) as conn, conn.cursor() as cur:
         cur.execute("UPDATE model_embeddings SET feature_version = %s", (version,))
-    plan = similarity.make_plan(settings.db_url, version, settings.top_n)
-    lists = similarity.compute_full(plan, WHOLE, settings.refresh_tile, Progress("bench"))
-    similarity.write_staging(settings.db_url, plan, 0, lists)
+    plan = refresh.make_plan(settings.db_url, version, settings.top_n)
+    lists = refresh.compute_full(plan, WHOLE, settings.refresh_tile, Progress("bench"))
+    refresh.write_staging(settings.db_url, plan, 0, lists)
     return plan
 
 
-def mvcc_publish(settings, plan: similarity.Plan) -> dict:
+def mvcc_publish(settings, plan: refresh.Plan) -> dict:
     stats = similarity.RefreshStats()
-    similarity.finish_part(settings.db_url, plan, f"bench-{plan.version}", 0, 1, stats)
+    refresh.finish_part(settings.db_url, plan, f"bench-{plan.version}", 0, 1, stats)
     assert stats.published and stats.rows_written >= stats.rows
     return {"locked": 0.0, "attempts": 1}
 
 
-def swap_publish(socket_dir: str, plan: similarity.Plan) -> dict:
+def swap_publish(socket_dir: str, plan: refresh.Plan) -> dict:
     """Build a new table beside the old one, then rename it into place and drop the old one."""
     with connect(socket_dir) as conn, conn.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS model_similarity_next")

@@ -31,8 +31,9 @@ from similarity_bench_db import (
     temp_database,
 )
 from sketchfab_similarity import similarity
-from sketchfab_similarity.features import FeatureSpec
-from sketchfab_similarity.vectors import FeatureBatch, LoadStats, load_batch
+from sketchfab_similarity.core.featurespec import FeatureSpec
+from sketchfab_similarity.core.store import FeatureBatch
+from sketchfab_similarity.vectors.load import LoadStats, load_batch
 
 CLIENTS, THREADS = 8, 2
 

@@ -31,9 +31,11 @@ from similarity_bench_db import (
     settings_for,
     temp_database,
 )
-from sketchfab_similarity import similarity, topn, topn_keras
-from sketchfab_similarity.features import FeatureSpec
-from sketchfab_similarity.vectors import FeatureBatch, LoadStats, load_batch
+from sketchfab_similarity import similarity
+from sketchfab_similarity.core.featurespec import FeatureSpec
+from sketchfab_similarity.core.store import FeatureBatch
+from sketchfab_similarity.similarity import topn, topn_keras
+from sketchfab_similarity.vectors.load import LoadStats, load_batch
 
 
 def load(settings, uids: list[str], matrix: np.ndarray, version: str) -> None:
@@ -123,7 +125,7 @@ def main() -> None:
         ["ours: symmetric blocked sgemm + partial sort + float64 rescoring", ours, ours / theirs],
     ]
     if args.keras:
-        from sketchfab_similarity.features import gpu_available
+        from sketchfab_similarity.core.backend import gpu_available
 
         device = "GPU" if gpu_available() else "CPU"
         topn_keras.top_n_rows(base[:1000], np.arange(1000), args.top_n)  # warm-up: backend start, kernels

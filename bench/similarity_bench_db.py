@@ -15,8 +15,8 @@ from pathlib import Path
 import devenv
 import numpy as np
 import psycopg2
-from sketchfab_similarity import db
-from sketchfab_similarity.settings import Settings
+from sketchfab_similarity.core import db
+from sketchfab_similarity.core.settings import Settings
 
 
 @contextmanager

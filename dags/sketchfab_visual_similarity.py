@@ -29,7 +29,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from sketchfab_similarity import tasks
-from sketchfab_similarity.settings import dag_settings
+from sketchfab_similarity.core.settings import dag_settings
 
 DAG_ID = "sketchfab_visual_similarity"
 SETTINGS = dag_settings()

@@ -10,8 +10,8 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import RedirectResponse
-from sketchfab_similarity.gallery import cached, create_app
-from sketchfab_similarity.settings import settings_from_airflow
+from sketchfab_similarity.core.settings import settings_from_airflow
+from sketchfab_similarity.gallery.app import cached, create_app
 from starlette.exceptions import HTTPException
 
 URL_PREFIX = "/similarity-gallery"

@@ -17,8 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import devenv  # noqa: E402
-from sketchfab_similarity import db  # noqa: E402
-from sketchfab_similarity.settings import Settings  # noqa: E402
+from sketchfab_similarity.core import db  # noqa: E402
+from sketchfab_similarity.core.settings import Settings  # noqa: E402
 
 _db_counter = itertools.count()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fake_sketchfab import Catalog, start_server
-from sketchfab_similarity import crawl, features, runs, similarity, thumbnails, vectors
-from sketchfab_similarity.settings import Settings
+from sketchfab_similarity import crawl, features, similarity, thumbnails, vectors
+from sketchfab_similarity.core import runs
+from sketchfab_similarity.core.settings import Settings
 
 EVIL_NAME = "<script>alert('name')</script><img src=x onerror=alert(1)> & \"quotes\""
 WILDCARD_NAME = "50% off_sale"

@@ -25,8 +25,9 @@ import pytest
 import requests
 from fake_sketchfab import Catalog, start_server
 from helpers import query
-from sketchfab_similarity import crawl, db, features, similarity, thumbnails, vectors
-from sketchfab_similarity.settings import Settings
+from sketchfab_similarity import crawl, features, similarity, thumbnails, vectors
+from sketchfab_similarity.core import db
+from sketchfab_similarity.core.settings import Settings
 from webdriver import free_port
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sketchfab_similarity.settings import API_CONN_ID, DB_CONN_ID, VARIABLES, Settings
+from sketchfab_similarity.core.settings import API_CONN_ID, DB_CONN_ID, VARIABLES, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -1,7 +1,7 @@
 from datetime import UTC, datetime
 
 import pytest
-from sketchfab_similarity.crawl import RejectedRecord, validate_model
+from sketchfab_similarity.crawl.records import RejectedRecord, validate_model
 
 UID = "9006d26492f44177b4151ce18a4a506c"
 

@@ -190,7 +190,7 @@ def test_params_have_titles_and_descriptions_for_the_trigger_form():
 
 
 def test_readme_documents_every_variable_and_param():
-    from sketchfab_similarity.settings import VARIABLES
+    from sketchfab_similarity.core.settings import VARIABLES
 
     rows = [line for line in (devenv.ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
     documented = {line.split("`")[1] for line in rows}

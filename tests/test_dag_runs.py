@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 from helpers import query
-from sketchfab_similarity import runs, tasks
-from sketchfab_similarity.sharding import Shard
+from sketchfab_similarity import tasks
+from sketchfab_similarity.core import runs
+from sketchfab_similarity.core.sharding import Shard
 
 DAG = "sketchfab_visual_similarity"
 

@@ -17,10 +17,10 @@ from fake_sketchfab import Catalog, FaultConfig, Thumbnail, ThumbnailFault, star
 from helpers import query
 from PIL import Image
 from sketchfab_similarity import crawl, thumbnails
-from sketchfab_similarity.crawl import CrawlWindow
-from sketchfab_similarity.images import open_checked, to_rgb
-from sketchfab_similarity.sharding import Shard
-from sketchfab_similarity.thumbnails import ThumbnailStore
+from sketchfab_similarity.core.images import open_checked, to_rgb
+from sketchfab_similarity.core.sharding import Shard
+from sketchfab_similarity.core.store import ArtifactStore
+from sketchfab_similarity.crawl.crawler import CrawlWindow
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ def test_every_broken_image_kind_is_recorded_and_the_rest_of_the_batch_succeeds(
     stats = thumbnails.download_thumbnails(settings)
     got = rows(settings.db_url)
     assert set(got) == {m.uid for m in catalog.models}
-    store = ThumbnailStore(settings.thumbnail_store)
+    store = ArtifactStore(settings.thumbnail_store)
     for model in catalog.models:
         status, error, content_hash, stored_path, width, height, attempts, _ = got[model.uid]
         expected = EXPECTED_BY_FAULT.get(model.thumbnail_fault)
@@ -149,7 +149,7 @@ def test_modes_and_orientation_are_normalised_and_source_bytes_kept(world):
     _, settings = world(catalog, FaultConfig(thumbnail_bodies=bodies))
     thumbnails.download_thumbnails(settings)
     got = rows(settings.db_url)
-    store = ThumbnailStore(settings.thumbnail_store)
+    store = ArtifactStore(settings.thumbnail_store)
     for name in ("tiff", "gif"):
         assert got[uid_of[name]][1].startswith("[permanent] not a decodable image (JPEG, PNG, WEBP)"), name
     images = {}
@@ -177,7 +177,7 @@ def test_identical_images_are_stored_once(world):
     got = rows(settings.db_url)
     hashes = {got[m.uid][2] for m in catalog.models[:3]}
     assert hashes == {hashlib.sha256(same).hexdigest()}
-    store = ThumbnailStore(settings.thumbnail_store)
+    store = ArtifactStore(settings.thumbnail_store)
     files = [p for p in store.fs.find(store.root) if p.endswith(".jpg")]
     assert len(files) == len({r[2] for r in got.values()}) == 6
     assert not [p for p in store.fs.find(store.root) if p.endswith(".tmp")]

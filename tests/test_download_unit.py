@@ -11,9 +11,12 @@ from email.utils import formatdate
 import numpy as np
 import pytest
 from PIL import Image
-from sketchfab_similarity import thumbnails
-from sketchfab_similarity.settings import Settings
-from sketchfab_similarity.thumbnails import DownloadTask, FetchFailed, ThumbnailStore, validate_and_store
+from sketchfab_similarity.core import httpretry
+from sketchfab_similarity.core.settings import Settings
+from sketchfab_similarity.core.store import ArtifactStore
+from sketchfab_similarity.thumbnails import download, fetch
+from sketchfab_similarity.thumbnails.download import DownloadTask, validate_and_store
+from sketchfab_similarity.thumbnails.fetch import FetchFailed
 
 
 @pytest.mark.parametrize(
@@ -38,7 +41,7 @@ from sketchfab_similarity.thumbnails import DownloadTask, FetchFailed, Thumbnail
     ],
 )
 def test_public_address_policy(address, public):
-    assert thumbnails.is_public_address(address) is public
+    assert fetch.is_public_address(address) is public
 
 
 @pytest.mark.parametrize(
@@ -58,10 +61,10 @@ def test_public_address_policy(address, public):
 )
 def test_url_checks(url, kind):
     if kind is None:
-        thumbnails.check_allowed(url, ("media.sketchfab.com",))
+        fetch.check_allowed(url, ("media.sketchfab.com",))
     else:
         with pytest.raises(FetchFailed, match=f"^{kind}"):
-            thumbnails.check_allowed(url, ("media.sketchfab.com",))
+            fetch.check_allowed(url, ("media.sketchfab.com",))
 
 
 @pytest.mark.parametrize(
@@ -78,7 +81,7 @@ def test_url_checks(url, kind):
 )
 def test_skip_reasons(stored, expected):
     stored_url, status, error, attempts = stored
-    assert thumbnails.skip_reason("u", stored_url, status, error, attempts, max_attempts=3) == expected
+    assert download.skip_reason("u", stored_url, status, error, attempts, max_attempts=3) == expected
 
 
 def small_jpeg() -> bytes:
@@ -111,16 +114,16 @@ class Body:
 def test_byte_cap_holds_without_a_content_length():
     body = Body([b"\xff" * 4000] * 5, {"Content-Type": "image/jpeg"})  # only the stream tells
     with pytest.raises(FetchFailed, match="too large: over the 10000 byte cap"):
-        asyncio.run(thumbnails._read_body(body, 10_000))
+        asyncio.run(fetch._read_body(body, 10_000))
 
 
 def test_declared_length_and_content_type_are_checked_before_reading():
     with pytest.raises(FetchFailed, match="too large: 20000 bytes, over the 10000 cap"):
         asyncio.run(
-            thumbnails._read_body(Body([], {"Content-Type": "image/png", "Content-Length": "20000"}), 10_000)
+            fetch._read_body(Body([], {"Content-Type": "image/png", "Content-Length": "20000"}), 10_000)
         )
     with pytest.raises(FetchFailed, match="not an image: content type 'text/html'"):
-        asyncio.run(thumbnails._read_body(Body([], {"Content-Type": "text/html; charset=utf-8"}), 10_000))
+        asyncio.run(fetch._read_body(Body([], {"Content-Type": "text/html; charset=utf-8"}), 10_000))
 
 
 def test_a_hanging_server_hits_the_whole_download_deadline():
@@ -135,17 +138,17 @@ def test_a_hanging_server_hits_the_whole_download_deadline():
             return False
 
     with pytest.raises(FetchFailed, match="too slow: over 0.2s") as info:
-        asyncio.run(thumbnails.fetch_bytes(Hanging(), URL, SETTINGS))
+        asyncio.run(fetch.fetch_bytes(Hanging(), URL, SETTINGS))
     assert info.value.transient
 
 
 def test_retry_delay_honours_capped_retry_after_else_backs_off_with_jitter():
-    assert thumbnails.retry_delay(0, "3", 0.2, 10.0) == 3.0
-    assert thumbnails.retry_delay(0, "3600", 0.2, 10.0) == 10.0
+    assert httpretry.retry_delay(0, "3", 0.2, 10.0) == 3.0
+    assert httpretry.retry_delay(0, "3600", 0.2, 10.0) == 10.0
     in_5s = formatdate(time.time() + 5, usegmt=True)
-    assert 3.5 < thumbnails.retry_delay(0, in_5s, 0.2, 10.0) <= 5.0
-    assert 0.8 <= thumbnails.retry_delay(2, None, 0.2, 10.0) <= 1.0  # 0.2 * 2**2 plus up to 0.2 jitter
-    assert 0.2 <= thumbnails.retry_delay(0, "soon", 0.2, 10.0) <= 0.4, "unparseable: plain backoff"
+    assert 3.5 < httpretry.retry_delay(0, in_5s, 0.2, 10.0) <= 5.0
+    assert 0.8 <= httpretry.retry_delay(2, None, 0.2, 10.0) <= 1.0  # 0.2 * 2**2 plus up to 0.2 jitter
+    assert 0.2 <= httpretry.retry_delay(0, "soon", 0.2, 10.0) <= 0.4, "unparseable: plain backoff"
 
 
 def test_resolver_refuses_private_answers_for_hosts_not_listed(monkeypatch):
@@ -154,32 +157,30 @@ def test_resolver_refuses_private_answers_for_hosts_not_listed(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **kw: real(answers.get(host, host), *a, **kw))
 
     async def resolve(host: str) -> list[str]:
-        resolver = thumbnails.GuardedResolver(["mirror.internal"])  # needs a running loop
+        resolver = fetch.GuardedResolver(["mirror.internal"])  # needs a running loop
         return [a["host"] for a in await resolver.resolve(host, 443)]
 
     assert asyncio.run(resolve("cdn.example")) == ["93.184.216.34"]
     assert asyncio.run(resolve("mirror.internal")) == ["10.0.0.8"]
-    with pytest.raises(
-        thumbnails.PrivateAddressRefused, match="'rebound.example' resolved to non-public address"
-    ):
+    with pytest.raises(fetch.PrivateAddressRefused, match="'rebound.example' resolved to non-public address"):
         asyncio.run(resolve("rebound.example"))
 
 
 def test_private_ip_literals_need_the_private_list_too():
     with pytest.raises(FetchFailed, match="private address: 10.0.0.5 is not a public address"):
-        thumbnails.check_allowed("http://10.0.0.5/t.jpeg", ("10.0.0.5",))
-    thumbnails.check_allowed("http://10.0.0.5/t.jpeg", ("10.0.0.5",), private_hosts=("10.0.0.5",))
-    thumbnails.check_allowed("http://93.184.216.34/t.jpeg", ("93.184.216.34",))
+        fetch.check_allowed("http://10.0.0.5/t.jpeg", ("10.0.0.5",))
+    fetch.check_allowed("http://10.0.0.5/t.jpeg", ("10.0.0.5",), private_hosts=("10.0.0.5",))
+    fetch.check_allowed("http://93.184.216.34/t.jpeg", ("93.184.216.34",))
 
 
 def test_validation_turns_every_failure_into_a_recorded_result(tmp_path, monkeypatch):
-    store = ThumbnailStore(str(tmp_path))
+    store = ArtifactStore(str(tmp_path))
     ok, new = validate_and_store(DownloadTask("a" * 32, URL), JPEG, store, SETTINGS)
     assert ok.status == "ok" and new and (ok.width, ok.height) == (64, 36) and ok.stored_path.endswith(".jpg")
     again, new = validate_and_store(DownloadTask("b" * 32, URL), JPEG, store, SETTINGS)
     assert again.content_hash == ok.content_hash and not new
 
-    class BrokenStore(ThumbnailStore):
+    class BrokenStore(ArtifactStore):
         def put(self, key, data):
             raise PermissionError("read-only file system")
 
@@ -195,19 +196,19 @@ def test_validation_turns_every_failure_into_a_recorded_result(tmp_path, monkeyp
     def explode(data, max_pixels):
         raise RuntimeError("decoder bug")
 
-    monkeypatch.setattr(thumbnails, "open_checked", explode)
+    monkeypatch.setattr(download, "open_checked", explode)
     failed, _ = validate_and_store(DownloadTask("e" * 32, URL), JPEG, store, SETTINGS)
     assert failed.error == "[transient] unexpected error: RuntimeError: decoder bug"
 
 
 def test_a_model_without_thumbnails_is_a_recorded_failure():
-    result, _ = asyncio.run(thumbnails.download_one(DownloadTask("f" * 32, None), None, None, None, SETTINGS))
+    result, _ = asyncio.run(download.download_one(DownloadTask("f" * 32, None), None, None, None, SETTINGS))
     assert result.error == "[permanent] no thumbnail: the model lists no images"
 
 
 def test_reason_kind():
-    assert thumbnails.reason_kind("[transient] HTTP 503: after 2 retries") == "[transient] HTTP 503"
+    assert download.reason_kind("[transient] HTTP 503: after 2 retries") == "[transient] HTTP 503"
     assert (
-        thumbnails.reason_kind("[permanent] redirect refused: host not allowed: x")
+        download.reason_kind("[permanent] redirect refused: host not allowed: x")
         == "[permanent] redirect refused"
     )

@@ -18,17 +18,15 @@ from fake_sketchfab import Catalog, start_server
 from helpers import query
 from PIL import Image
 from sketchfab_similarity import crawl, features, thumbnails, vectors
-from sketchfab_similarity.features import (
-    FeatureExtractor,
-    FeatureSpec,
-    KerasEngine,
-    WeightsUnavailable,
-    choose_engine,
-    ordered_prefetch_map,
-)
-from sketchfab_similarity.images import decode_for_model
-from sketchfab_similarity.settings import Settings
-from sketchfab_similarity.sharding import Shard
+from sketchfab_similarity.core import backend, featurespec
+from sketchfab_similarity.core.featurespec import FeatureSpec, WeightsUnavailable
+from sketchfab_similarity.core.images import decode_for_model
+from sketchfab_similarity.core.settings import Settings
+from sketchfab_similarity.core.sharding import Shard
+from sketchfab_similarity.core.store import ArtifactStore
+from sketchfab_similarity.features import engines, vgg16
+from sketchfab_similarity.features.engines import KerasEngine, choose_engine
+from sketchfab_similarity.features.extract import FeatureExtractor, ordered_prefetch_map
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 
@@ -128,7 +126,7 @@ def test_backend_defaults_keep_tensorflow_and_grow_gpu_memory(monkeypatch):
     for name in ("KERAS_BACKEND", "TF_FORCE_GPU_ALLOW_GROWTH", "XLA_PYTHON_CLIENT_PREALLOCATE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KERAS_BACKEND", "jax")  # a user's choice wins
-    features.configure_backend()
+    backend.configure_backend()
     assert os.environ["KERAS_BACKEND"] == "jax"
     assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
@@ -160,7 +158,7 @@ def test_prefetch_keeps_memory_bounded():
 def photo_batch(spec: FeatureSpec) -> np.ndarray:
     return np.stack(
         [
-            features.preprocess(decode_for_model(p.read_bytes(), spec.input_size))
+            featurespec.preprocess(decode_for_model(p.read_bytes(), spec.input_size))
             for p in sorted(PHOTOS.glob("*.jpg"))
         ]
     )
@@ -172,7 +170,7 @@ def test_weights_files_in_both_keras_formats_give_the_same_vectors(tmp_path):
     from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
 
     spec = FeatureSpec(weights="random", input_size=64, seed=3)
-    base = features.load_vgg16(spec)
+    base = vgg16.load_vgg16(spec)
     keras_file = tmp_path / "vgg16_notop.weights.h5"
     base.save_weights(keras_file)
     legacy_file = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -187,7 +185,7 @@ def test_weights_files_in_both_keras_formats_give_the_same_vectors(tmp_path):
     not_weights = tmp_path / "notes.weights.h5"
     not_weights.write_bytes(b"not hdf5")
     with pytest.raises(WeightsUnavailable, match="Expected the no-top VGG16"):
-        features.load_vgg16(replace(spec, weights=str(not_weights)))
+        vgg16.load_vgg16(replace(spec, weights=str(not_weights)))
 
 
 @pytest.mark.integration
@@ -222,8 +220,8 @@ def test_mixed_precision_runs_and_leaves_the_global_policy_alone():
     assert keras.config.dtype_policy().name == "float32"
     conv = mixed.model.get_layer("block1_conv1")
     assert conv.compute_dtype == "bfloat16" and conv.variable_dtype == "float32"
-    a = features.l2_normalise(full.embed(batch))
-    b = features.l2_normalise(mixed.embed(batch))
+    a = featurespec.l2_normalise(full.embed(batch))
+    b = featurespec.l2_normalise(mixed.embed(batch))
     assert b.dtype == np.float32
     cosines = (a * b).sum(axis=1)
     assert cosines.min() > 0.99 and not np.array_equal(a, b), cosines
@@ -248,7 +246,7 @@ def test_bad_files_are_recorded_and_the_batch_goes_on(make_settings):
     rows = query(
         settings.db_url, "SELECT uid, stored_path FROM model_thumbnails WHERE status = 'ok' ORDER BY uid"
     )
-    store = thumbnails.ThumbnailStore(settings.thumbnail_store)
+    store = ArtifactStore(settings.thumbnail_store)
     vanished, corrupt = rows[0], rows[1]
     Path(store.path(vanished[1])).unlink()
     data = Path(store.path(corrupt[1])).read_bytes()
@@ -301,7 +299,7 @@ def test_engines_agree_through_the_stage(make_settings, tmp_path):
     spec = FeatureSpec(weights="random", input_size=64)
     out = {}
     for engine in ("ncnn", "keras"):
-        built, _ = features.make_engine(spec, Settings(extract_engine=engine, extract_batch_size=3))
+        built, _ = engines.make_engine(spec, Settings(extract_engine=engine, extract_batch_size=3))
         items = [features.PendingImage(f"{i:032x}", str(i), "") for i in range(len(images))]
         done, matrix, failures = FeatureExtractor(spec, built).run(
             items, lambda it: images[int(it.stored_path)]

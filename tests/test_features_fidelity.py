@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 from fake_sketchfab.render import render_thumbnail
 from PIL import Image
-from sketchfab_similarity import features
-from sketchfab_similarity.features import FeatureExtractor, FeatureSpec, make_engine, reference_vectors
-from sketchfab_similarity.settings import Settings
+from sketchfab_similarity.core.featurespec import FeatureSpec
+from sketchfab_similarity.core.settings import Settings
+from sketchfab_similarity.features import reference as blog_post
+from sketchfab_similarity.features.engines import make_engine
+from sketchfab_similarity.features.extract import FeatureExtractor
+from sketchfab_similarity.features.reference import reference_vectors
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +86,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 
 @cache
 def reference_model(spec: FeatureSpec):
-    return features.reference_model(spec)
+    return blog_post.reference_model(spec)
 
 
 @cache

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from gallery_fixtures import EVIL_NAME, EVIL_VIEWER_URL, WILDCARD_NAME, fill_database
 from helpers import query
-from sketchfab_similarity.gallery import create_app, render_html
-from sketchfab_similarity.settings import Settings
+from sketchfab_similarity.core.settings import Settings
+from sketchfab_similarity.gallery.app import create_app, render_html
 
 pytestmark = pytest.mark.integration
 
@@ -172,7 +172,7 @@ def test_missing_connection_is_a_clear_503(tmp_path):
 
 
 def test_static_page_for_the_demo_is_escaped(data):
-    from sketchfab_similarity.gallery import get_model, similar_models
+    from sketchfab_similarity.gallery.queries import get_model, similar_models
 
     card = get_model(data.settings.db_url, data.evil_uid)
     html = render_html(

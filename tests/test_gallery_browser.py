@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from gallery_fixtures import EVIL_NAME, EVIL_VIEWER_URL, fill_database
 from helpers import query
-from sketchfab_similarity.gallery import create_app
+from sketchfab_similarity.gallery.app import create_app
 from webdriver import Chromium, find_browser, free_port
 
 pytestmark = pytest.mark.integration

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sketchfab_similarity.gallery import cached, image_type, safe_link
+from sketchfab_similarity.gallery.app import cached, image_type, safe_link
 
 
 @pytest.mark.parametrize(
@@ -45,8 +45,8 @@ def test_cached_settings_are_reread_after_the_ttl():
 
 def test_unreachable_database_is_a_clear_503(tmp_path):
     from fastapi.testclient import TestClient
-    from sketchfab_similarity.gallery import create_app
-    from sketchfab_similarity.settings import Settings
+    from sketchfab_similarity.core.settings import Settings
+    from sketchfab_similarity.gallery.app import create_app
 
     settings = Settings(
         db_url=f"postgresql+psycopg2://postgres@/none?host={tmp_path}", thumbnail_store=str(tmp_path)

@@ -3,7 +3,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from sketchfab_similarity.images import (
+from sketchfab_similarity.core.images import (
     INTERPOLATIONS,
     ImageRejected,
     decode_for_model,
@@ -12,7 +12,7 @@ from sketchfab_similarity.images import (
     resize_for_model,
     to_rgb,
 )
-from sketchfab_similarity.thumbnails import choose_thumbnail
+from sketchfab_similarity.thumbnails.download import choose_thumbnail
 
 
 def encode(img, fmt="JPEG", **kw):

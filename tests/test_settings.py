@@ -1,7 +1,7 @@
 from types import SimpleNamespace
 
 import pytest
-from sketchfab_similarity.settings import (
+from sketchfab_similarity.core.settings import (
     Settings,
     api_base_url_from_connection,
     db_url_from_connection,

@@ -1,5 +1,5 @@
 import pytest
-from sketchfab_similarity.sharding import Shard
+from sketchfab_similarity.core.sharding import Shard
 
 
 def test_shards_partition_uids_exactly():

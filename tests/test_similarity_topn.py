@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from helpers import brute_force_top_n
-from sketchfab_similarity.topn import SCORE_MARGIN, exact_scores, top_n_all, top_n_rows
+from sketchfab_similarity.similarity.topn import SCORE_MARGIN, exact_scores, top_n_all, top_n_rows
 
 
 def unit(rows):

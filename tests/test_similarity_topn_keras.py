@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from sketchfab_similarity import topn, topn_keras
+from sketchfab_similarity.similarity import topn, topn_keras
 
 
 def unit(rows):

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from helpers import execute, query
 from sketchfab_similarity import similarity, vectors
-from sketchfab_similarity.db import connect
-from sketchfab_similarity.features import FeatureSpec, PendingImage, write_feature_file
+from sketchfab_similarity.core import pgcopy
+from sketchfab_similarity.core.db import connect
+from sketchfab_similarity.core.featurespec import FeatureSpec
+from sketchfab_similarity.core.store import ArtifactStore, FeatureBatch
 from sketchfab_similarity.tasks import refresh_parts
-from sketchfab_similarity.thumbnails import ThumbnailStore
-from sketchfab_similarity.vectors import FeatureBatch, LoadStats
+from sketchfab_similarity.vectors import hnsw
+from sketchfab_similarity.vectors.load import LoadStats
 
 
 def unit_vectors(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -49,7 +51,7 @@ def test_copy_payload_is_the_same_packed_row_by_row_or_as_one_array():
         np.array([2**40, -5], np.int64),
         np.array([0.5, -0.25], np.float32),
     ]
-    assert vectors.copy_rows(columns) == vectors._copy_rows_packed(columns)
+    assert pgcopy.copy_rows(columns) == pgcopy._copy_rows_packed(columns)
 
 
 def test_refresh_parts_come_from_the_environment():
@@ -71,7 +73,7 @@ def test_vectors_round_trip_bit_exact_through_binary_copy(make_settings):
     stats = LoadStats()
     vectors.load_batch(settings.db_url, FeatureBatch(uids, ["c" * 64] * 300, matrix, "v1"), stats)
     assert (stats.loaded, stats.changed, stats.rejected) == (300, 300, 0)
-    read_uids, read = vectors.read_embeddings(settings.db_url, "v1")
+    read_uids, read = pgcopy.read_embeddings(settings.db_url, "v1")
     assert read_uids.tolist() == sorted(uids)
     order = np.argsort(uids)
     assert np.array_equal(read.view(np.uint32), matrix[order].view(np.uint32))
@@ -143,13 +145,13 @@ def test_rerun_is_harmless_and_only_real_changes_are_written(make_settings):
 
 
 def write_files(settings, uids: list[str], matrix: np.ndarray, chunk: int) -> list[str]:
-    store = ThumbnailStore(settings.thumbnail_store)
+    store = ArtifactStore(settings.thumbnail_store)
     version = FeatureSpec.from_settings(settings).version
     keys = []
     for start in range(0, len(uids), chunk):
-        items = [PendingImage(u, f"thumbs/{u}", f"hash-{u}") for u in uids[start : start + chunk]]
-        key = f"features/test/{start}.npz"
-        keys.append(write_feature_file(store, key, version, items, matrix[start : start + chunk]))
+        part = uids[start : start + chunk]
+        batch = FeatureBatch(part, [f"hash-{u}" for u in part], matrix[start : start + chunk], version)
+        keys.append(store.write_features(batch))
     return keys
 
 
@@ -174,7 +176,7 @@ def test_bulk_load_rebuilds_the_index_small_loads_keep_it(make_settings):
 
     small_files = write_files(settings, uids[300:310], matrix[300:310], 128)
     damaged = "features/test/damaged.npz"
-    ThumbnailStore(settings.thumbnail_store).put(damaged, b"not a zip file")
+    ArtifactStore(settings.thumbnail_store).put(damaged, b"not a zip file")
     small = vectors.load_vectors(settings, [damaged, *small_files])
     assert (small.loaded, small.index, list(small.failed_files)) == (10, "unchanged", [damaged])
     rerun = vectors.load_vectors(settings, write_files(settings, uids[:300], matrix[:300], 128))
@@ -193,7 +195,7 @@ def test_bulk_load_rebuilds_the_index_small_loads_keep_it(make_settings):
         settings.db_url,
         "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'model_embeddings_hnsw_idx'::regclass",
     )
-    assert vectors.ensure_hnsw_index(tuned) == "rebuilt (was invalid)"
+    assert hnsw.ensure_hnsw_index(tuned) == "rebuilt (was invalid)"
     assert index_state(settings.db_url)[0] is True
 
 
@@ -270,7 +272,7 @@ def test_readme_sql_examples_run_as_written(make_settings):
     assert len(statements) >= 6
     example_uids = sorted(set(re.findall(r"'([0-9a-f]{32})'", "\n".join(statements))))
     assert example_uids, "the examples name models by uid"
-    with connect(settings.db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(settings.db_url) as conn, conn.cursor() as cur:
         for statement in statements:
             for example, uid in zip(example_uids, uids, strict=False):
                 statement = statement.replace(example, uid)

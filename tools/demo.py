@@ -15,8 +15,9 @@ from pathlib import Path
 
 import devenv
 from fake_sketchfab import Catalog
-from sketchfab_similarity.gallery import recent_models, render_html, similar_models, stored_paths
-from sketchfab_similarity.thumbnails import ThumbnailStore
+from sketchfab_similarity.core.store import ArtifactStore
+from sketchfab_similarity.gallery.app import render_html
+from sketchfab_similarity.gallery.queries import recent_models, similar_models, stored_paths
 
 ROOT = devenv.ROOT
 
@@ -92,7 +93,7 @@ def main() -> None:
         for r in recs:
             print(f"  {r.rank}. {r.score:.3f}  {r.name}  ({r.uid})")
 
-    thumbs = ThumbnailStore(str(store))
+    thumbs = ArtifactStore(str(store))
     paths = stored_paths(
         db_url, [c.uid for c, recs in queries] + [r.uid for _, recs in queries for r in recs]
     )

@@ -196,7 +196,7 @@ def main() -> None:
     if args.command == "start-db":
         print(start_postgres(args.data))
     elif args.command == "apply-schema":
-        from sketchfab_similarity.db import apply_schema
+        from sketchfab_similarity.core.db import apply_schema
 
         print("applied:", ", ".join(apply_schema(sqlalchemy_url(start_postgres(args.data)))))
     else:

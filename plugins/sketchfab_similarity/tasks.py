@@ -16,9 +16,11 @@ from typing import Any
 
 import psycopg2.errors
 
-from . import crawl, db, features, runs, similarity, thumbnails, vectors
-from .settings import Settings, describe, settings_from_airflow
-from .sharding import WHOLE, Shard
+from . import crawl, features, similarity, thumbnails, vectors
+from .core import db, runs
+from .core.featurespec import FeatureSpec
+from .core.settings import Settings, describe, settings_from_airflow
+from .core.sharding import WHOLE, Shard
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +171,7 @@ def plan_extraction(context: dict[str, Any]) -> list[dict[str, int]]:
     """Shard descriptors for the mapped extraction tasks, sized by `extract_shard_size`."""
     settings = settings_for(context)
     force = bool((context.get("params") or {}).get("force_reextract"))
-    version = features.FeatureSpec.from_settings(settings).version
+    version = FeatureSpec.from_settings(settings).version
     pending = len(features.pending_extractions(settings.db_url, version, force))
     return _shard_plan("extract", pending, settings.extract_shard_size, settings.max_shards)
 

@@ -19,6 +19,8 @@ from psycopg2.extras import Json
 from .db import connect
 from .sharding import Shard
 
+STAGES = ("crawl_models", "download_thumbnails", "extract_features", "load_vectors", "refresh_similarity")
+"""The pipeline's task ids, in order (a contract of DESIGN.md); the DAG, the run summary and the gallery use these."""
 LEASE_KEY = "run_lease"
 ACTIVE_RUN_STATES = frozenset({"queued", "running"})
 
@@ -37,7 +39,7 @@ def try_acquire_run_lease(
     `run_state(dag_id, run_id)` gives the holder's Airflow state (None if the run no
     longer exists). The lease row is locked while we decide, so two runs never both win.
     """
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO pipeline_state (name, value) VALUES (%s, '{}'::jsonb) ON CONFLICT (name) DO NOTHING",
             (LEASE_KEY,),
@@ -62,7 +64,7 @@ def try_acquire_run_lease(
 
 def release_run_lease(db_url: str, dag_id: str, run_id: str) -> bool:
     """Hand the lease back at the end of a run; a no-op if another run holds it."""
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute(
             "UPDATE pipeline_state SET value = '{}'::jsonb, updated_at = now() "
             "WHERE name = %s AND value->>'dag_id' = %s AND value->>'run_id' = %s",
@@ -122,7 +124,7 @@ def record_run(
     counts: Mapping[str, Any],
 ) -> None:
     """Upsert the run's summary into `pipeline_runs` (a rerun of the same run replaces it)."""
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute(
             """
             INSERT INTO pipeline_runs

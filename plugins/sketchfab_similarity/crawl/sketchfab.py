@@ -1,7 +1,7 @@
 """Sketchfab Data API v3 client: paging, auth, throttling and retries.
 
-Retries and `Retry-After` handling come from urllib3's `Retry` (battle-tested,
-jittered exponential backoff) rather than a hand-written loop; this module adds
+Retries and `Retry-After` handling come from urllib3's `Retry` (configured in
+`core.httpretry`, shared with the thumbnail fetcher); this module adds
 what urllib3 cannot know: the cap on `Retry-After`, pacing on
 `X-RateLimit-Remaining`, retrying a 200 that is not JSON (a proxy's error page),
 the same-origin rule for `next`, and envelope checks.
@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+
+from ..core.httpretry import backoff_delay, build_session, redact, short_error
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from ..core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_PAGE_BYTES = 32 * 1024 * 1024
 """A listing page is ~100 kB; anything near this is not a page we want to hold in memory."""
 MAX_PAGE_SIZE = 24
@@ -48,74 +45,6 @@ class SketchfabAPIError(RuntimeError):
 
 class InvalidBody(SketchfabAPIError):
     """A 200 whose body is not JSON (typically a proxy's HTML page): worth another try."""
-
-
-class CappedRetry(Retry):
-    """urllib3 Retry that never sleeps longer than `retry_after_cap` for one Retry-After, and says why it waits."""
-
-    retry_after_cap: float = 120.0
-
-    def get_retry_after(self, response: Any) -> float | None:
-        value = super().get_retry_after(response)
-        return None if value is None else min(value, self.retry_after_cap)
-
-    def new(self, **kw: Any) -> CappedRetry:
-        new = super().new(**kw)
-        new.retry_after_cap = self.retry_after_cap
-        return new
-
-    def increment(
-        self, method: Any = None, url: Any = None, response: Any = None, error: Any = None, **kw: Any
-    ):
-        new = super().increment(method, url, response, error, **kw)
-        pool = kw.get("_pool")
-        where = f"{getattr(pool, 'host', '?')}{(url or '').split('?')[0]}"
-        why = f"HTTP {response.status}" if response is not None and response.status else type(error).__name__
-        log.warning("GET %s: %s; retry %d of %s", where, why, len(new.history), self.total)
-        return new
-
-
-def make_retry(
-    *, retries: int, backoff_s: float, retry_after_cap_s: float, statuses: frozenset[int] = RETRY_STATUSES
-) -> CappedRetry:
-    """GET-only retries on connection errors and `statuses`, exponential backoff with jitter, no redirects."""
-    retry = CappedRetry(
-        total=retries,
-        connect=retries,
-        read=retries,
-        status=retries,
-        other=0,
-        status_forcelist=statuses,
-        allowed_methods=frozenset({"GET"}),
-        backoff_factor=backoff_s,
-        backoff_jitter=backoff_s,
-        backoff_max=60.0,
-        respect_retry_after_header=True,
-        raise_on_status=False,
-        redirect=0,
-        raise_on_redirect=False,
-    )
-    retry.retry_after_cap = retry_after_cap_s
-    return retry
-
-
-def build_session(
-    *,
-    retries: int = 6,
-    backoff_factor: float = 0.5,
-    retry_after_cap: float = 120.0,
-    pool_size: int = 16,
-    statuses: frozenset[int] = RETRY_STATUSES,
-) -> requests.Session:
-    """A pooled Session retrying GETs on connection errors, 429 and 5xx with jittered backoff."""
-    retry = make_retry(
-        retries=retries, backoff_s=backoff_factor, retry_after_cap_s=retry_after_cap, statuses=statuses
-    )
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry, pool_connections=pool_size, pool_maxsize=pool_size)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
 
 
 @dataclass(frozen=True)
@@ -217,7 +146,7 @@ class SketchfabClient:
                 if attempt >= self.body_retries:
                     raise SketchfabAPIError(f"{exc} (still so after {attempt + 1} attempts)", 200) from None
                 attempt += 1
-                delay = self.backoff_s * 2 ** (attempt - 1) + random.uniform(0, self.backoff_s)
+                delay = backoff_delay(attempt - 1, self.backoff_s)
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 time.sleep(delay)
 
@@ -227,7 +156,7 @@ class SketchfabClient:
             resp = self.session.get(url, timeout=self.timeout_s, allow_redirects=False, stream=True)
         except requests.RequestException as exc:
             raise SketchfabAPIError(
-                f"GET {self.redact(url)} failed after retries: {type(exc).__name__}: {_short(exc)}"
+                f"GET {self.redact(url)} failed after retries: {type(exc).__name__}: {short_error(exc)}"
             ) from None
         with resp:
             self.requests_made += 1
@@ -299,13 +228,4 @@ class SketchfabClient:
             self.paced_s += wait
             time.sleep(wait)
 
-    @staticmethod
-    def redact(url: str) -> str:
-        """URLs are logged without query-string secrets (a token must never travel in a URL)."""
-        parts = urlsplit(url)
-        return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?…" if parts.query else "")
-
-
-def _short(exc: Exception) -> str:
-    """Exception text without query strings (requests puts the full URL into its messages)."""
-    return re.sub(r"\?\S*", "?…", str(exc))[:300]
+    redact = staticmethod(redact)

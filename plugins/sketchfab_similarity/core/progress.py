@@ -1,4 +1,4 @@
-"""Progress lines for long work: done/total, rate and time left, at most every few seconds."""
+"""Progress lines for long work (done/total, rate, time left, at most every few seconds) and phase timings."""
 
 from __future__ import annotations
 
@@ -36,3 +36,10 @@ class Progress:
     def finish(self, summary: str) -> None:
         elapsed = time.monotonic() - self._start
         self.log.info("%s done in %.1fs: %s", self.stage, elapsed, summary)
+
+
+def lap(seconds: dict[str, float], phase: str, since: float) -> float:
+    """Record the time since `since` under `phase`; returns now, the start of the next phase."""
+    now = time.perf_counter()
+    seconds[phase] = round(now - since, 3)
+    return now

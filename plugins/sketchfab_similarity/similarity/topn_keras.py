@@ -19,15 +19,13 @@ exists there for tests.
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from collections.abc import Callable
 
 import numpy as np
 
+from ..core.backend import configure_backend, gpu_available, gpu_device_files
 from . import topn
-from .features import configure_backend, gpu_available
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +38,6 @@ ROUNDING_GAP = 1e-6
 """Above the float32 rounding of a score near 1 (6e-8): a gap this wide survives rounding."""
 QUERY_BLOCK = 4096
 COLUMN_CHUNK = 65536
-
-
-def gpu_device_files() -> bool:
-    """A cheap hint that this machine has an NVIDIA GPU, checked before importing a Keras backend."""
-    return os.path.exists("/dev/nvidia0") or bool(glob.glob("/proc/driver/nvidia/gpus/*"))
 
 
 def choose_engine(requested: str) -> str:

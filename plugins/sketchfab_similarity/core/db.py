@@ -13,9 +13,8 @@ from functools import cache
 from pathlib import Path
 
 import sqlalchemy as sa
-from pgvector.psycopg2 import register_vector
 
-SQL_DIR = Path(os.environ.get("SIMILARITY_SQL_DIR", Path(__file__).resolve().parents[2] / "sql"))
+SQL_DIR = Path(os.environ.get("SIMILARITY_SQL_DIR", Path(__file__).resolve().parents[3] / "sql"))
 
 # Arbitrary constant: serialises schema migration between concurrent tasks.
 _SCHEMA_LOCK_KEY = 0x5F1A_0001
@@ -39,7 +38,7 @@ def schema_files(sql_dir: Path = SQL_DIR) -> list[Path]:
 def apply_schema(db_url: str, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply every numbered DDL file in order. Each file is idempotent, so this is safe to rerun."""
     applied = []
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
         for path in schema_files(sql_dir):
             cur.execute(path.read_text())
@@ -48,17 +47,30 @@ def apply_schema(db_url: str, sql_dir: Path = SQL_DIR) -> list[str]:
 
 
 @contextmanager
-def connect(db_url: str, *, vectors: bool = True) -> Iterator:
-    """A raw psycopg2 connection in one transaction: committed on success, rolled back on error."""
+def connect(db_url: str) -> Iterator:
+    """A raw psycopg2 connection in one transaction: committed on success, rolled back on error.
+
+    Vectors travel as binary COPY (`pgcopy`) or as text, so no pgvector type adapter is registered."""
     raw = get_engine(db_url).raw_connection()
     try:
         conn = raw.driver_connection
-        if vectors:
-            register_vector(conn)
         yield conn
         conn.commit()
     except BaseException:
         raw.rollback()
         raise
     finally:
+        raw.close()
+
+
+@contextmanager
+def autocommit(db_url: str) -> Iterator:
+    """A pooled connection in autocommit mode (CREATE/DROP INDEX CONCURRENTLY need it)."""
+    raw = get_engine(db_url).raw_connection()
+    conn = raw.driver_connection
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        conn.autocommit = False
         raw.close()

@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.db import connect
+from ..core.featurespec import EMBEDDING_DIM, FeatureSpec
+from ..core.pgcopy import copy_out_rows, copy_rows, read_embeddings
+from ..core.progress import Progress, lap
+from ..core.settings import Settings
+from ..core.sharding import WHOLE, Shard
 from . import topn, topn_keras
-from .db import connect
-from .features import EMBEDDING_DIM, FeatureSpec
-from .progress import Progress
-from .settings import Settings
-from .sharding import WHOLE, Shard
-from .vectors import copy_out_rows, copy_rows, lap, read_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def vector_hashes(matrix: np.ndarray) -> np.ndarray:
 
 
 def read_state(db_url: str) -> dict:
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT value FROM pipeline_state WHERE name = %s", (STATE_KEY,))
         row = cur.fetchone()
     return row[0] if row else {}
@@ -146,7 +146,7 @@ MEMBER_ROW = np.dtype(
 def read_members(db_url: str) -> np.ndarray:
     """similarity_members sorted by uid, as a numpy record array (binary COPY, fixed-width rows;
     an empty list has last_score NaN and a blank last_uid)."""
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         rows = copy_out_rows(
             cur,
             "COPY (SELECT uid, vector_hash, list_length, coalesce(last_score, 'NaN'), "
@@ -161,7 +161,7 @@ def read_members(db_url: str) -> np.ndarray:
 def lists_containing(db_url: str, uids: list[str]) -> set[str]:
     if not uids:
         return set()
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT DISTINCT uid FROM model_similarity WHERE similar_uid = ANY(%s)", (uids,))
         return {r[0] for r in cur.fetchall()}
 
@@ -266,7 +266,7 @@ LIST_ROW = np.dtype(
 def old_lists(db_url: str, uids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Rows (uid, rank, similar, score) of the published lists of these models ('S32' uids) whose
     score is at most the list's bound: the part of each list a new entry can move (binary COPY)."""
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute("SET LOCAL enable_hashjoin = off")  # probe the primary key per list
         rows = copy_out_rows(
             cur,
@@ -413,7 +413,7 @@ def write_staging(db_url: str, plan: Plan, part: int, lists: Lists) -> None:
             for row in lists.rows.tolist()
         ).encode()
         summary_sql = "COPY similarity_staging_lists FROM STDIN"
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         for table in ("similarity_staging", "similarity_staging_lists"):
             cur.execute(f"DELETE FROM {table} WHERE plan_id = %s AND part = %s", (plan.plan_id, part))  # noqa: S608
         cur.copy_expert("COPY similarity_staging FROM STDIN (FORMAT binary)", io.BytesIO(rows))
@@ -510,14 +510,14 @@ def publish(cur, plan: Plan, shrinks: bool) -> tuple[int, int]:
 
 def finish_part(db_url: str, plan: Plan, run_key: str, part: int, parts: int, stats: RefreshStats) -> None:
     """Record this part as done; the part that completes the run publishes it."""
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO similarity_parts (run_key, part, parts, plan_id) VALUES (%s, %s, %s, %s) "
             "ON CONFLICT (run_key, part) DO UPDATE SET parts = EXCLUDED.parts, plan_id = EXCLUDED.plan_id, "
             "finished_at = now()",
             (run_key, part, parts, plan.plan_id),
         )
-    with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+    with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PUBLISH_LOCK_KEY,))
         cur.execute(
             "SELECT count(*), count(DISTINCT plan_id), bool_and(plan_id = %s) FROM similarity_parts "
@@ -544,7 +544,7 @@ def finish_part(db_url: str, plan: Plan, run_key: str, part: int, parts: int, st
         stats.rows_written, stats.rows = publish(cur, plan, shrinks)
         stats.published = True
     if plan.mode == "full":  # fresh statistics for a rewritten table (ANALYZE never blocks readers)
-        with connect(db_url, vectors=False) as conn, conn.cursor() as cur:
+        with connect(db_url) as conn, conn.cursor() as cur:
             cur.execute("ANALYZE model_similarity, similarity_members")
 
 

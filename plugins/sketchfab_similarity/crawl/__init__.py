@@ -1,0 +1,26 @@
+"""Stage 1, crawl_models: Sketchfab listings into `sketchfab_models`.
+
+`crawler` pages the API and keeps the checkpoint and watermark, `records` turns API
+records into rows (or rejects with a reason), `sketchfab` is the HTTP client.
+"""
+
+from .crawler import (
+    NO_FILTERS,
+    Checkpoint,
+    CrawlFilters,
+    CrawlStats,
+    CrawlWindow,
+    classify_page,
+    crawl,
+    default_run_key,
+    incremental_window,
+    read_watermark,
+    watermark_name,
+)
+from .records import RejectedRecord, validate_model
+
+__all__ = [
+    "NO_FILTERS", "Checkpoint", "CrawlFilters", "CrawlStats", "CrawlWindow", "RejectedRecord",
+    "classify_page", "crawl", "default_run_key", "incremental_window", "read_watermark",
+    "validate_model", "watermark_name",
+]  # fmt: skip
