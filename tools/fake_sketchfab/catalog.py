@@ -76,6 +76,8 @@ class FaultConfig:
     shift_on_page: int = 0  # after serving listing page K (1-based) the first time, publish...
     shift_publish: int = 5  # ...this many new models, so later offset pages overlap
     offsite_next_on_page: int = 0  # page K's `next` URL points at another host
+    looping_next_on_page: int = 0  # page K's `next` URL points back at page K itself
+    refuse_from_page: int = 0  # listing pages K and later answer 410 Gone (a cursor the API refuses)
     disappearing_uids: frozenset[str] = frozenset()  # listed, but 404 on detail
     media_error_rate: float = 0.0  # fraction of thumbnail requests answered 503/500, evenly spaced
     thumbnail_redirect: str = ""  # 302 every thumbnail request without `redirected` in its query to

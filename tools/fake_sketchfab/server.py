@@ -202,7 +202,10 @@ class _Response:
 
 
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Response:
-    body = json.dumps(payload, ensure_ascii=False).encode()
+    try:
+        body = json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate (hostile test data) travels as a \ud800 escape
+        body = json.dumps(payload).encode()
     return _Response(status, body, "application/json", headers)
 
 
@@ -303,6 +306,8 @@ class _Handler(BaseHTTPRequestHandler):
         with st.lock:
             st.list_count += 1
             faults = st.faults
+            if faults.refuse_from_page and page >= faults.refuse_from_page:
+                return _json(410, {"detail": "Cursor expired."})
             if faults.list_outage_after and st.list_count > faults.list_outage_after:
                 return _json(503, {"detail": "Service temporarily unavailable."})
             if faults.html_200_every and st.list_count % faults.html_200_every == 0:
@@ -320,6 +325,8 @@ class _Handler(BaseHTTPRequestHandler):
             return f"{host}/v3/models?{urlencode(kept)}"
 
         next_cursor = _encode_cursor(offset + count, page + 1) if offset + count < len(entries) else None
+        if page == faults.looping_next_on_page:
+            next_cursor = args.get("cursor") or _encode_cursor(0, 1)
         prev_cursor = _encode_cursor(max(offset - count, 0), page - 1) if offset > 0 and page > 1 else None
         next_host = OFFSITE_API if page == faults.offsite_next_on_page else st.api_base_url
         return _json(

@@ -26,15 +26,20 @@ from psycopg2.extras import Json, execute_values
 from ..core.db import connect
 from ..core.progress import Progress
 from ..core.settings import Settings
-from .records import ModelRow, RejectedRecord, validate_model
+from .records import ModelRow, judge, storable
 from .sketchfab import SketchfabAPIError, SketchfabClient
 
 log = logging.getLogger(__name__)
 
-MAX_REJECT_BYTES = 1_000_000
 API_LISTING_CAP = 10_000
 WATERMARK_KEY = "watermark"
 EXPIRED_CURSOR_STATUSES = (400, 404, 410)
+MAX_LISTING_RESTARTS = 1
+"""How often one crawl call restarts the listing after the API refused a stored cursor; an API
+that keeps refusing a later page must fail the crawl, not loop over the first pages for hours."""
+WATERMARK_SKEW = timedelta(minutes=5)
+"""The watermark never passes the crawl's start plus this: a record dated in the future must not
+make the next runs skip real models published before that date."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class CrawlStats:
     skipped_outside_window: int = 0
     skipped_min_likes: int = 0
     duplicates: int = 0
+    cleaned: int = 0
+    """Models kept after cleaning a field (see sketchfab_models.cleaned)."""
     reject_reasons: dict[str, int] = field(default_factory=dict)
     window_since: str | None = None
     window_until: str | None = None
@@ -96,7 +103,7 @@ class CrawlStats:
 UPSERT_MODELS = """
 INSERT INTO sketchfab_models
     (uid, name, author, published_at, like_count, view_count, tags, categories, viewer_url, thumbnails, raw,
-     last_crawl_id)
+     last_crawl_id, cleaned)
 VALUES %s
 ON CONFLICT (uid) DO UPDATE SET
     name = EXCLUDED.name,
@@ -110,6 +117,7 @@ ON CONFLICT (uid) DO UPDATE SET
     thumbnails = EXCLUDED.thumbnails,
     raw = EXCLUDED.raw,
     last_crawl_id = EXCLUDED.last_crawl_id,
+    cleaned = EXCLUDED.cleaned,
     last_seen_at = now()
 """
 
@@ -119,6 +127,7 @@ def upsert_models(cur: Any, rows: list[ModelRow], crawl_id: int | None = None) -
         (
             r.uid, r.name, r.author, r.published_at, r.like_count, r.view_count,
             r.tags, r.categories, r.viewer_url, Json(r.thumbnails), Json(r.raw), crawl_id,
+            Json(r.cleaned) if r.cleaned else None,
         )
         for r in rows
     ]  # fmt: skip
@@ -129,7 +138,7 @@ def record_rejects(cur: Any, rejects: list[tuple[Any, str]], crawl_id: int | Non
     # The same record twice in one statement would make ON CONFLICT touch a row twice: dedupe first.
     unique: dict[tuple[str, str], tuple[Any, str, int | None]] = {}
     for raw, reason in rejects:
-        value = _storable(raw)
+        value, _ = storable(raw)
         unique[json.dumps(value, sort_keys=True), reason] = (Json(value), reason, crawl_id)
     execute_values(
         cur,
@@ -139,14 +148,6 @@ def record_rejects(cur: Any, rejects: list[tuple[Any, str]], crawl_id: int | Non
         """,
         list(unique.values()),
     )
-
-
-def _storable(raw: Any) -> Any:
-    """The raw record as JSON Postgres accepts: NULs replaced, absurdly large records cut to a prefix."""
-    text = json.dumps(raw, ensure_ascii=False, default=str).replace("\\u0000", "\\ufffd")
-    if len(text.encode()) > MAX_REJECT_BYTES:
-        return {"truncated_json": text[: MAX_REJECT_BYTES // 4], "original_chars": len(text)}
-    return json.loads(text)
 
 
 def watermark_name(filters: CrawlFilters = NO_FILTERS) -> str:
@@ -327,6 +328,7 @@ def classify_page(
             stats.skipped_min_likes += 1
             continue
         out.rows.append(row)
+        stats.cleaned += bool(row.cleaned)
     if out.stop is None and quota_reached():
         out.stop = "max_models"
     return out
@@ -371,12 +373,24 @@ def _crawl_pages(settings: Settings, cp: Checkpoint, filters: CrawlFilters, clie
     progress = Progress("crawl", total=filters.max_models, unit="models", log=log)
     requests_before = stats.requests
     url = cp.next_url if cp.started else first_url
+    restarts, visited = 0, set()
     while url is not None:
+        if url in visited:
+            raise SketchfabAPIError(
+                f"The listing loops: 'next' leads back to {client.redact(url)}, already read in this crawl"
+            )
+        visited.add(url)
         try:
             page = client.get_page(url)
         except SketchfabAPIError as exc:
             if url == first_url or exc.status not in EXPIRED_CURSOR_STATUSES:
                 raise
+            if restarts >= MAX_LISTING_RESTARTS:
+                raise SketchfabAPIError(
+                    f"The API refused a page again after the listing was restarted: {exc}", exc.status
+                ) from None
+            restarts += 1
+            visited.clear()
             # A stored cursor the API no longer accepts: start from the top. Models this crawl
             # already took are recognised (last_crawl_id) and counted as duplicates, not twice.
             log.warning("Stored page no longer valid (%s); restarting the listing from the first page", exc)
@@ -385,10 +399,7 @@ def _crawl_pages(settings: Settings, cp: Checkpoint, filters: CrawlFilters, clie
         now = datetime.now(UTC)
         records: list[tuple[Any, ModelRow | str]] = []
         for raw in page.results:
-            try:
-                records.append((raw, validate_model(raw, now)))
-            except RejectedRecord as exc:
-                records.append((raw, str(exc)))
+            records.append((raw, judge(raw, now)))
         uids = [v.uid for _, v in records if isinstance(v, ModelRow)]
         with connect(settings.db_url) as conn, conn.cursor() as cur:
             cur.execute(
@@ -433,7 +444,15 @@ def finish(db_url: str, cp: Checkpoint, filters: CrawlFilters) -> None:
     name = watermark_name(filters)
     with connect(db_url) as conn, conn.cursor() as cur:
         if cp.window.incremental and cp.stats.complete and cp.newest is not None:
-            advance_watermark(cur, name, cp.newest)
+            cur.execute("SELECT started_at FROM crawl_runs WHERE id = %s", (cp.id,))
+            ceiling = cur.fetchone()[0] + WATERMARK_SKEW
+            if cp.newest > ceiling:
+                log.warning(
+                    "Newest publication time %s is in the future; the watermark stops at %s",
+                    cp.newest.isoformat(),
+                    ceiling.isoformat(),
+                )
+            advance_watermark(cur, name, min(cp.newest, ceiling))
         watermark = _read_watermark(cur, name)
         cp.stats.watermark = watermark.isoformat() if watermark else None
         save_checkpoint(cur, cp)

@@ -12,7 +12,6 @@ their query string, and no header is ever logged.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from urllib.parse import urlencode, urlsplit
 import requests
 
 from ..core.httpretry import backoff_delay, build_session, redact, short_error
+from .records import loads
 
 if TYPE_CHECKING:
     from ..core.settings import Settings
@@ -203,8 +203,8 @@ class SketchfabClient:
                 200,
             )
         try:
-            return json.loads(body)
-        except ValueError as exc:
+            return loads(body)  # non-finite numbers become markers, never floats
+        except (ValueError, RecursionError) as exc:
             raise InvalidBody(f"GET {self.redact(url)}: invalid JSON: {exc}", 200) from None
 
     def _pace(self, resp: requests.Response) -> None:
