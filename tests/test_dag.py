@@ -282,3 +282,33 @@ def test_whole_dag_through_airflow_twice(fresh_db, tmp_path):
         assert snapshot(fresh_db) == before
         assert devenv.dag_run_states(env) == ["success", "success"]
         assert len(query(fresh_db, "SELECT * FROM pipeline_runs")) == 2
+
+
+@pytest.mark.integration
+def test_runs_that_misspell_a_param_or_achieve_nothing_fail(fresh_db, tmp_path):
+    """A typo in the conf fails the run before any stage; a run whose every download fails (a host
+    outside the allow-list) fails in summarize_run with the counts, after recording them."""
+    catalog = Catalog.generate(6, seed=8)
+    with start_server(catalog) as server:
+        env = devenv.airflow_env(
+            airflow_home=tmp_path / "airflow",
+            db_uri=libpq_uri(fresh_db),
+            api_base_url=server.api_base_url,
+            thumbnail_store=tmp_path / "thumbnails",
+            thumbnail_hosts="media.blocked.invalid",
+            weights="random",
+            input_size=32,
+        )
+        devenv.migrate_metadata(env)
+        devenv.airflow(
+            ["dags", "test", devenv.DAG_ID, "--conf", json.dumps({"max_model": 3})], env, check=False
+        )
+        assert devenv.dag_run_states(env) == ["failed"]
+        assert query(fresh_db, "SELECT count(*) FROM crawl_runs")[0][0] == 0, "no stage ran"
+
+        devenv.airflow(["dags", "test", devenv.DAG_ID], env, check=False)
+        assert devenv.dag_run_states(env) == ["failed", "failed"]
+    (summary,) = query(fresh_db, "SELECT counts FROM pipeline_runs")[0]
+    assert summary["crawl_models"]["upserted"] == 6
+    assert summary["failed_stages"]["download_thumbnails"].startswith("6 of 6 items failed")
+    assert query(fresh_db, "SELECT count(*) FROM model_thumbnails WHERE status = 'failed'")[0][0] == 6

@@ -153,3 +153,31 @@ def test_unknown_conf_keys_fail_the_run_with_the_valid_names():
         tasks.check_conf(context)
     tasks.check_conf({"dag_run": SimpleNamespace(conf={"top_n": 3})})
     tasks.check_conf({"dag_run": SimpleNamespace(conf=None)})
+
+
+@pytest.mark.parametrize(
+    ("counts", "failed"),
+    [
+        ({"download_thumbnails": {"fetched": 0, "failed": 3}}, {"download_thumbnails"}),  # all of few
+        ({"download_thumbnails": {"fetched": 1, "failed": 3}}, set()),  # most of few, not all
+        ({"download_thumbnails": {"fetched": 9, "failed": 11}}, {"download_thumbnails"}),  # > half of 20
+        ({"download_thumbnails": {"fetched": 10, "failed": 10}}, set()),  # exactly half
+        ({"download_thumbnails": {"fetched": 97, "failed": 3}}, set()),  # a few bad thumbnails: green
+        ({"crawl_models": {"seen": 4, "rejected": 4}}, {"crawl_models"}),
+        ({"extract_features": {"extracted": 0, "failed": 2}}, {"extract_features"}),
+        ({"load_vectors": {"loaded": 5, "rejected": 30}}, {"load_vectors"}),
+        ({"download_thumbnails": {"fetched": 0, "failed": 0}}, set()),  # nothing to do is not failure
+        ({"refresh_similarity": {"models": 0, "rows": 0}}, set()),
+    ],
+)
+def test_a_stage_failing_for_too_many_items_fails_the_run(counts, failed):
+    assert set(runs.failed_stages(counts, max_share=0.5, min_items=20)) == failed
+
+
+def test_failed_stage_reasons_carry_the_counts_and_the_reasons():
+    counts = {"download_thumbnails": {"fetched": 0, "failed": 3, "failures_by_reason": {"http 404": 3}}}
+    assert runs.failed_stages(counts, 0.5, 20) == {"download_thumbnails": "3 of 3 items failed (http 404: 3)"}
+    crawl = {"crawl_models": {"seen": 30, "rejected": 30, "reject_reasons": {"uid is not 32": 30}}}
+    assert runs.failed_stages(crawl, 0.5, 20)["crawl_models"] == "30 of 30 items failed (uid is not 32: 30)"
+    assert runs.failed_stages({"download_thumbnails": {"fetched": 9, "failed": 11}}, 0.6, 20) == {}
+    assert runs.failed_stages({"download_thumbnails": {"fetched": 1, "failed": 3}}, 0.5, 4) != {}

@@ -227,7 +227,7 @@ def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = No
 # Per stage, the counts worth a line in the run summary, with why items failed (the full results stay
 # in each task's XCom).
 SUMMARY_FIELDS = {
-    "crawl_models": ("pages", "seen", "upserted", "rejected"),
+    "crawl_models": ("pages", "seen", "upserted", "rejected", "reject_reasons"),
     "download_thumbnails": ("candidates", "fetched", "failed", "stored_new", "failures_by_reason"),
     "extract_features": ("extracted", "failed"),
     "load_vectors": ("loaded", "changed", "rejected", "rejects_by_reason"),
@@ -254,6 +254,9 @@ def summarize_run(context: dict[str, Any], results: Mapping[str, Any]) -> dict[s
     """
     feature_version, counts = run_counts(results)
     settings = settings_for(context)
+    failed = runs.failed_stages(counts, settings.failure_max_share, settings.failure_min_items)
+    if failed:
+        counts["failed_stages"] = failed
     dag_run = context["dag_run"]
     run_type = getattr(dag_run.run_type, "value", dag_run.run_type)
     runs.record_run(
@@ -270,4 +273,13 @@ def summarize_run(context: dict[str, Any], results: Mapping[str, Any]) -> dict[s
         "run summary: %s",
         "; ".join(f"{stage} " + ", ".join(f"{k}={v}" for k, v in c.items()) for stage, c in counts.items()),
     )
+    if failed:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            "The run achieved too little: "
+            + "; ".join(f"{stage}: {why}" for stage, why in failed.items())
+            + f" (limits: all items, or more than {settings.failure_max_share:.0%} of at least "
+            f"{settings.failure_min_items}; Variables similarity_failure_max_share/_min_items)"
+        )
     return {"run_id": dag_run.run_id, "feature_version": feature_version, **counts}

@@ -113,6 +113,42 @@ def combine(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+FAILURE_COUNTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "crawl_models": ("rejected", ("seen",)),
+    "download_thumbnails": ("failed", ("fetched", "failed")),
+    "extract_features": ("failed", ("extracted", "failed")),
+    "load_vectors": ("rejected", ("loaded", "rejected")),
+}
+"""Per stage: the count of failed items and the counts that add up to all its items."""
+
+
+def failed_stages(
+    counts: Mapping[str, Mapping[str, Any]], max_share: float, min_items: int
+) -> dict[str, str]:
+    """Stages that failed for too many of their items, each with the counts and reasons why.
+
+    A stage fails the run when every item failed, or, with at least `min_items` items, when more
+    than `max_share` of them failed: a run that achieved nothing must not end green, a run with a
+    few bad thumbnails must.
+    """
+    out: dict[str, str] = {}
+    for stage, (failed_key, total_keys) in FAILURE_COUNTS.items():
+        stage_counts = counts.get(stage) or {}
+        failed = int(stage_counts.get(failed_key) or 0)
+        total = sum(int(stage_counts.get(k) or 0) for k in total_keys)
+        if total == 0 or failed == 0:
+            continue
+        if failed >= total or (total >= min_items and failed > max_share * total):
+            reasons = {
+                k: v
+                for k, v in stage_counts.items()
+                if isinstance(v, dict) and all(isinstance(n, int) for n in v.values())
+            }
+            why = "; ".join(f"{r}: {n}" for d in reasons.values() for r, n in sorted(d.items()))
+            out[stage] = f"{failed} of {total} items failed" + (f" ({why})" if why else "")
+    return out
+
+
 def record_run(
     db_url: str,
     *,

@@ -32,8 +32,8 @@ def default_thumbnail_store() -> str:
 class Settings:
     """Pipeline configuration. Field docs are the reference for the README's table."""
 
-    db_url: str = ""
-    """SQLAlchemy URL of the Postgres-with-pgvector database (from the `similarity_db` connection)."""
+    db_url: str = field(default="", repr=False)
+    """SQLAlchemy URL (it holds the password, so it stays out of repr; `describe` masks it) of the Postgres-with-pgvector database (from the `similarity_db` connection)."""
     api_base_url: str = DEFAULT_API_BASE_URL
     """Sketchfab API base URL (from the `sketchfab_api` connection's schema/host/port)."""
     api_token: str | None = field(default=None, repr=False)
@@ -168,6 +168,14 @@ class Settings:
     before one atomic publish. Part of the DAG's shape, so it is read when the DAG is parsed,
     from the environment variable AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS."""
 
+    failure_max_share: float = 0.5
+    """Variable `similarity_failure_max_share`: a stage whose failed items exceed this share of its
+    items (rejected records, failed downloads, failed extractions, rejected vectors) fails the run,
+    once it had at least `failure_min_items` items; a few bad thumbnails keep the run green."""
+    failure_min_items: int = 20
+    """Variable `similarity_failure_min_items`: below this many items a stage fails the run only when
+    every one of its items failed (a small run with one bad record is not a failed run)."""
+
     def __post_init__(self) -> None:
         if self.input_size < 32:
             raise ValueError(f"similarity_input_size must be >= 32 (VGG16's minimum), got {self.input_size}")
@@ -199,6 +207,11 @@ class Settings:
         if self.refresh_engine not in REFRESH_ENGINES:
             raise ValueError(
                 f"similarity_refresh_engine must be one of {', '.join(REFRESH_ENGINES)}, got {self.refresh_engine!r}"
+            )
+        if not 0.0 <= self.failure_max_share <= 1.0 or self.failure_min_items < 1:
+            raise ValueError(
+                "similarity_failure_max_share must be between 0 and 1 and similarity_failure_min_items "
+                f">= 1, got {self.failure_max_share}, {self.failure_min_items}"
             )
         if self.refresh_parts < 1 or self.refresh_tile < 32:
             raise ValueError(
@@ -248,6 +261,8 @@ VARIABLES: dict[str, str] = {
     "similarity_max_download_attempts": "max_download_attempts",
     "similarity_api_retries": "api_retries",
     "similarity_hnsw_ef_search": "hnsw_ef_search",
+    "similarity_failure_max_share": "failure_max_share",
+    "similarity_failure_min_items": "failure_min_items",
 }
 
 # libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).
@@ -274,6 +289,11 @@ def parse_variable(name: str, raw: str) -> Any:
         if raw.lower() in _FALSE:
             return False
         raise ValueError(f"Variable {name} must be true or false, got {raw!r}")
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"Variable {name} must be a number, got {raw!r}") from None
     if isinstance(default, int):
         try:
             return int(raw)
