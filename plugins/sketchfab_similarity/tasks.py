@@ -97,11 +97,14 @@ def start_run(context: dict[str, Any]) -> bool:
     try:
         decision = acquire()
     except psycopg2.errors.UndefinedTable:  # a fresh database: create the schema, then take the lease
-        db.apply_schema(settings.db_url)
+        db.apply_schema(settings.db_url, lock_timeout_s=settings.migration_lock_timeout_s)
         decision = acquire()
     log.info("run lease: %s", decision.reason)
     if decision.acquired:
-        log.info("schema applied: %s", ", ".join(db.apply_schema(settings.db_url)))
+        log.info(
+            "schema applied: %s",
+            ", ".join(db.apply_schema(settings.db_url, lock_timeout_s=settings.migration_lock_timeout_s)),
+        )
     return decision.acquired
 
 
@@ -141,7 +144,7 @@ def checkpoint_key(context: dict[str, Any]) -> str:
 def crawl_models(context: dict[str, Any]) -> dict[str, Any]:
     settings = settings_for(context)
     log.info("settings: %s", describe(settings))
-    applied = db.apply_schema(settings.db_url)
+    applied = db.apply_schema(settings.db_url, lock_timeout_s=settings.migration_lock_timeout_s)
     log.info("schema applied: %s", ", ".join(applied))
     filters = crawl_filters(context.get("params") or {})
     window = crawl_window(context, settings, filters)

@@ -168,6 +168,9 @@ class Settings:
     before one atomic publish. Part of the DAG's shape, so it is read when the DAG is parsed,
     from the environment variable AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS."""
 
+    migration_lock_timeout_s: float = 5.0
+    """Variable `similarity_migration_lock_timeout_s`: how long a new schema migration waits for a table
+    lock before giving up (the task is retried), so readers never queue behind it for longer."""
     failure_max_share: float = 0.5
     """Variable `similarity_failure_max_share`: a stage whose failed items exceed this share of its
     items (rejected records, failed downloads, failed extractions, rejected vectors) fails the run,
@@ -261,6 +264,7 @@ VARIABLES: dict[str, str] = {
     "similarity_max_download_attempts": "max_download_attempts",
     "similarity_api_retries": "api_retries",
     "similarity_hnsw_ef_search": "hnsw_ef_search",
+    "similarity_migration_lock_timeout_s": "migration_lock_timeout_s",
     "similarity_failure_max_share": "failure_max_share",
     "similarity_failure_min_items": "failure_min_items",
 }
