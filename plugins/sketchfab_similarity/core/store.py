@@ -19,6 +19,24 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class TransientReadError(OSError):
+    """The store could not be read just now (an I/O error, a network blip): not bad content."""
+
+
 class ArtifactStore:
     """Content-addressed files under a local path or any fsspec URL (file://, s3://, memory://, ...).
 
@@ -42,12 +60,18 @@ class ArtifactStore:
         return f"{self.root}/{key}"
 
     def put(self, key: str, data: bytes) -> bool:
-        """Write once; returns False when the content was already stored. Atomic via rename."""
+        """Write once; returns False when the same content is already stored. Atomic via rename.
+
+        A file already at the key is checked (size, then SHA-256 against `data`) and replaced
+        when it differs: a truncated or corrupt file left by a crash or a bad disk is repaired by
+        the next download instead of failing extraction forever. Local files are fsynced before
+        the rename, so a crash never leaves a complete-looking name over incomplete bytes.
+        """
         path = self.path(key)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         parent = path.rsplit("/", 1)[0]
         if self._local:  # plain system calls: fsspec's layers cost more than the write itself
-            if os.path.exists(path):
+            if self._local_matches(path, data):
                 return False
             if parent not in self._made_dirs:
                 os.makedirs(parent, exist_ok=True)
@@ -55,21 +79,48 @@ class ArtifactStore:
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
+            _fsync_dir(parent)
             return True
-        if self.fs.exists(path):
+        if self.fs.exists(path) and self._remote_matches(path, data):
             return False
         self.fs.makedirs(parent, exist_ok=True)
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, path)
         return True
 
+    @staticmethod
+    def _local_matches(path: str, data: bytes) -> bool:
+        try:
+            if os.stat(path).st_size != len(data):
+                return False
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+        except FileNotFoundError:
+            return False
+
+    def _remote_matches(self, path: str, data: bytes) -> bool:
+        if self.fs.size(path) != len(data):
+            return False
+        return hashlib.sha256(self.fs.cat_file(path)).digest() == hashlib.sha256(data).digest()
+
     def get(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
+
+    def read(self, key: str) -> bytes:
+        """`get`, with failures to read (other than a missing file) raised as TransientReadError."""
+        try:
+            return self.get(key)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise TransientReadError(f"{type(exc).__name__}: {exc}") from exc
 
     # --- feature files ---------------------------------------------------------------------
 

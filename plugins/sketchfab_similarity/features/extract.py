@@ -27,7 +27,7 @@ from ..core.images import decode_for_model
 from ..core.progress import Progress
 from ..core.settings import Settings
 from ..core.sharding import WHOLE, Shard
-from ..core.store import ArtifactStore, FeatureBatch
+from ..core.store import ArtifactStore, FeatureBatch, TransientReadError
 from .engines import Engine, make_engine
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,16 @@ def pending_extractions(
         return [PendingImage(*row) for row in cur.fetchall() if shard.contains(row[0])]
 
 
+TRANSIENT_READ = TransientReadError.__name__
+
+
 def mark_unreadable(db_url: str, failures: dict[str, str]) -> None:
-    """A stored file that cannot be read is re-downloaded on the next run (transient)."""
+    """A stored file that cannot be decoded is re-downloaded on the next run (transient).
+
+    A file the store could not read just now (TransientReadError: an I/O error, a network blip)
+    is not bad content: its row stays as it is and the next run extracts it again.
+    """
+    failures = {uid: r for uid, r in failures.items() if not r.startswith(TRANSIENT_READ)}
     if not failures:
         return
     with connect(db_url) as conn, conn.cursor() as cur:
@@ -202,7 +210,7 @@ def extract_features(settings: Settings, force: bool = False, shard: Shard = WHO
     progress = Progress("extract", total=len(pending), unit="images", log=log)
     for start in range(0, len(pending), CHUNK_SIZE):
         chunk = pending[start : start + CHUNK_SIZE]
-        done, vectors, failures = extractor.run(chunk, lambda it: store.get(it.stored_path), progress)
+        done, vectors, failures = extractor.run(chunk, lambda it: store.read(it.stored_path), progress)
         if done:
             batch = FeatureBatch(
                 uids=[it.uid for it in done],
