@@ -181,3 +181,47 @@ def test_failed_stage_reasons_carry_the_counts_and_the_reasons():
     assert runs.failed_stages(crawl, 0.5, 20)["crawl_models"] == "30 of 30 items failed (uid is not 32: 30)"
     assert runs.failed_stages({"download_thumbnails": {"fetched": 9, "failed": 11}}, 0.6, 20) == {}
     assert runs.failed_stages({"download_thumbnails": {"fetched": 1, "failed": 3}}, 0.5, 4) != {}
+
+
+def test_a_refresh_that_published_nothing_fails_the_run():
+    lost = {"refresh_similarity": {"models": 9, "rows": 0, "published": False, "skipped_unchanged": False}}
+    assert "no part published" in runs.failed_stages(lost, 0.5, 20)["refresh_similarity"]
+    for ok in (
+        {"published": True, "skipped_unchanged": False},
+        {"published": False, "skipped_unchanged": True},
+    ):
+        assert runs.failed_stages({"refresh_similarity": ok}, 0.5, 20) == {}
+    parts = [
+        {"published": False, "skipped_unchanged": False},
+        {"published": True, "skipped_unchanged": False},
+    ]
+    _, counts = tasks.run_counts({"refresh_similarity": parts})
+    assert runs.failed_stages(counts, 0.5, 20) == {}, "one part publishing is enough"
+
+
+@pytest.mark.integration
+def test_every_stage_task_rechecks_the_run_lease(fresh_db, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+    from sketchfab_similarity.core.settings import Settings
+
+    monkeypatch.setattr(tasks, "settings_from_airflow", lambda **_: Settings(db_url=fresh_db))
+    old = {"dag_run": SimpleNamespace(dag_id=DAG, run_id="old_run", conf={}), "params": {}}
+    assert runs.try_acquire_run_lease(fresh_db, DAG, "old_run", states()).acquired
+    assert tasks.leased_settings(old).db_url == fresh_db
+    assert runs.try_acquire_run_lease(fresh_db, DAG, "new_run", states(old_run="failed")).acquired
+    # A task of the old run, cleared and rerun now, must not write underneath the new run.
+    for call in (
+        lambda: tasks.crawl_models(old),
+        lambda: tasks.plan_downloads(old),
+        lambda: tasks.download_thumbnails(old, {"index": 0, "count": 1}),
+        lambda: tasks.plan_extraction(old),
+        lambda: tasks.extract_features(old, {"index": 0, "count": 1}),
+        lambda: tasks.load_vectors(old, {"files": []}),
+        lambda: tasks.refresh_similarity({**old, "run_id": "old_run"}, {"index": 0, "count": 1}),
+    ):
+        with pytest.raises(AirflowFailException, match="'new_run' of .* holds the run lease now"):
+            call()
+    runs.release_run_lease(fresh_db, DAG, "new_run")
+    with pytest.raises(AirflowFailException, match="no run holds the run lease"):
+        tasks.crawl_models(old)
+    assert query(fresh_db, "SELECT count(*) FROM crawl_runs")[0][0] == 0

@@ -333,3 +333,83 @@ def test_readers_see_the_old_table_or_the_new_one_never_a_short_list(make_settin
     assert short == []
     assert min(counts) > 20, counts
     assert seen_versions == {FeatureSpec.from_settings(s).version for s in (settings, other)}
+
+
+def test_staging_emptied_by_a_crash_fails_the_publish_loudly_and_a_rerun_publishes(make_settings):
+    rng = np.random.default_rng(21)
+    settings = make_settings(top_n=4)
+    put_vectors(settings, random_uids(rng, 60), Vectors(rng).make(60))
+    persistence = dict(
+        query(
+            settings.db_url,
+            "SELECT relname, relpersistence FROM pg_class WHERE relname IN "
+            "('similarity_parts', 'similarity_staging', 'similarity_staging_lists')",
+        )
+    )
+    # Part records are logged (they survive a crash); the staging rows are not.
+    assert persistence == {
+        "similarity_parts": "p",
+        "similarity_staging": "u",
+        "similarity_staging_lists": "u",
+    }
+    for shard in Shard.all(3)[:2]:
+        assert not similarity.refresh_similarity(settings, shard=shard, run_key="crashed").published
+    # What crash recovery does to unlogged tables:
+    execute(settings.db_url, "TRUNCATE similarity_staging, similarity_staging_lists")
+    with pytest.raises(refresh.LostStaging, match=r"\d+ of the 60 lists .* nothing was published"):
+        similarity.refresh_similarity(settings, shard=Shard(2, 3), run_key="crashed")
+    assert table(settings.db_url) == []
+    # Clearing every part of the run computes and publishes it whole.
+    parts = [similarity.refresh_similarity(settings, shard=s, run_key="crashed") for s in Shard.all(3)]
+    assert [p.published for p in parts] == [False, True, False], "the lost parts 0 and 1 complete the run"
+    assert parts[2].skipped_unchanged
+    assert_similarity_is_exact(settings.db_url, 4)
+
+
+def test_a_plan_overtaken_by_another_publish_is_not_applied(make_settings):
+    from sketchfab_similarity.core.progress import Progress
+    from sketchfab_similarity.core.sharding import WHOLE
+
+    rng = np.random.default_rng(22)
+    vectors = Vectors(rng)
+    settings = make_settings(top_n=3)
+    put_vectors(settings, random_uids(rng, 30), vectors.make(30))
+    similarity.refresh_similarity(settings)
+    put_vectors(settings, random_uids(rng, 3), vectors.make(3))
+    version = FeatureSpec.from_settings(settings).version
+    stale = refresh.make_plan(settings.db_url, version, 3)  # an old run's task, cleared and rerun later
+    lists = refresh.compute(stale, WHOLE, settings, Progress("test", total=None))
+    put_vectors(settings, random_uids(rng, 3), vectors.make(3))
+    assert similarity.refresh_similarity(settings).published  # a newer run publishes first
+    published = table(settings.db_url)
+    refresh.write_staging(settings.db_url, stale, 0, lists)
+    stats = refresh.RefreshStats()
+    with pytest.raises(refresh.StalePlan, match="is published now; it is not applied"):
+        refresh.finish_part(settings.db_url, stale, "old-run", 0, 1, stats, lists=len(lists.rows))
+    assert table(settings.db_url) == published and not stats.published
+    assert_similarity_is_exact(settings.db_url, 3)
+
+
+def test_rows_left_in_staging_by_an_abandoned_refresh_are_never_published(make_settings):
+    rng = np.random.default_rng(23)
+    vectors = Vectors(rng)
+    settings = make_settings(top_n=3)
+    uids = random_uids(rng, 30)
+    put_vectors(settings, uids, vectors.make(30))
+    similarity.refresh_similarity(settings)
+    # An abandoned run (a crashed task, another plan) left lists for existing models in staging.
+    execute(
+        settings.db_url,
+        "INSERT INTO similarity_staging SELECT 'abandoned', 0, u, r, %s, 0.5 FROM unnest(%s::text[]) u, "
+        "generate_series(1, 3) r",
+        (uids[0], uids[1:]),
+    )
+    execute(
+        settings.db_url,
+        "INSERT INTO similarity_staging_lists SELECT 'abandoned', 0, u, 1, 3, 0.5, %s FROM unnest(%s::text[]) u",
+        (uids[0], uids[1:]),
+    )
+    put_vectors(settings, random_uids(rng, 2), vectors.make(2))
+    assert similarity.refresh_similarity(settings).mode == "incremental"
+    assert_similarity_is_exact(settings.db_url, 3)
+    assert similarity.refresh_similarity(settings, full=True).rows_written == 0

@@ -38,6 +38,18 @@ def settings_for(context: dict[str, Any]) -> Settings:
     return settings
 
 
+def leased_settings(context: dict[str, Any]) -> Settings:
+    """Settings for a stage task, after confirming this run still holds the run lease."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    settings = settings_for(context)
+    dag_run = context["dag_run"]
+    problem = runs.lease_problem(settings.db_url, dag_run.dag_id, dag_run.run_id)
+    if problem:
+        raise AirflowFailException(f"Not running this task: {problem}")
+    return settings
+
+
 def timetable(settings: Settings) -> Any:
     """Cron data intervals, so each scheduled or backfill run owns [start, end) with no gaps."""
     from airflow.sdk import CronDataIntervalTimetable
@@ -142,7 +154,7 @@ def checkpoint_key(context: dict[str, Any]) -> str:
 
 
 def crawl_models(context: dict[str, Any]) -> dict[str, Any]:
-    settings = settings_for(context)
+    settings = leased_settings(context)
     log.info("settings: %s", describe(settings))
     applied = db.apply_schema(settings.db_url, lock_timeout_s=settings.migration_lock_timeout_s)
     log.info("schema applied: %s", ", ".join(applied))
@@ -161,18 +173,18 @@ def _shard_plan(stage: str, pending: int, shard_size: int, max_shards: int) -> l
 
 def plan_downloads(context: dict[str, Any]) -> list[dict[str, int]]:
     """Shard descriptors for the mapped download tasks, sized by `download_shard_size`."""
-    settings = settings_for(context)
+    settings = leased_settings(context)
     pending = len(thumbnails.pending_downloads(settings))
     return _shard_plan("download", pending, settings.download_shard_size, settings.max_shards)
 
 
 def download_thumbnails(context: dict[str, Any], shard: Mapping[str, int]) -> dict[str, Any]:
-    return asdict(thumbnails.download_thumbnails(settings_for(context), shard=Shard(**shard)))
+    return asdict(thumbnails.download_thumbnails(leased_settings(context), shard=Shard(**shard)))
 
 
 def plan_extraction(context: dict[str, Any]) -> list[dict[str, int]]:
     """Shard descriptors for the mapped extraction tasks, sized by `extract_shard_size`."""
-    settings = settings_for(context)
+    settings = leased_settings(context)
     force = bool((context.get("params") or {}).get("force_reextract"))
     version = FeatureSpec.from_settings(settings).version
     pending = len(features.pending_extractions(settings.db_url, version, force))
@@ -182,7 +194,7 @@ def plan_extraction(context: dict[str, Any]) -> list[dict[str, int]]:
 def extract_features(context: dict[str, Any], shard: Mapping[str, int]) -> dict[str, Any]:
     params = context.get("params") or {}
     result = features.extract_features(
-        settings_for(context), force=bool(params.get("force_reextract")), shard=Shard(**shard)
+        leased_settings(context), force=bool(params.get("force_reextract")), shard=Shard(**shard)
     )
     return asdict(result)
 
@@ -198,7 +210,7 @@ def merge_extracted(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def load_vectors(context: dict[str, Any], extracted: dict[str, Any]) -> dict[str, Any]:
-    return asdict(vectors.load_vectors(settings_for(context), list(extracted.get("files") or [])))
+    return asdict(vectors.load_vectors(leased_settings(context), list(extracted.get("files") or [])))
 
 
 def refresh_parts(environ: Mapping[str, str] = os.environ) -> list[dict[str, int]]:
@@ -219,7 +231,7 @@ def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = No
     """One part of the refresh; the last part of the run to finish publishes (see similarity.py)."""
     params = context.get("params") or {}
     stats = similarity.refresh_similarity(
-        settings_for(context),
+        leased_settings(context),
         full=bool(params.get("full_refresh")),
         shard=Shard(**part) if part else WHOLE,
         run_key=str(context["run_id"]),
@@ -234,7 +246,7 @@ SUMMARY_FIELDS = {
     "download_thumbnails": ("candidates", "fetched", "failed", "stored_new", "failures_by_reason"),
     "extract_features": ("extracted", "failed"),
     "load_vectors": ("loaded", "changed", "rejected", "rejects_by_reason"),
-    "refresh_similarity": ("models", "rows"),
+    "refresh_similarity": ("models", "rows", "published", "skipped_unchanged"),
 }
 
 

@@ -146,7 +146,30 @@ def failed_stages(
             }
             why = "; ".join(f"{r}: {n}" for d in reasons.values() for r, n in sorted(d.items()))
             out[stage] = f"{failed} of {total} items failed" + (f" ({why})" if why else "")
+    refresh = counts.get("refresh_similarity") or {}
+    if refresh.get("published") is False and refresh.get("skipped_unchanged") is False:
+        out["refresh_similarity"] = (
+            "the refresh computed its lists but no part published them (a part that finished earlier "
+            "was lost?); clear every refresh_similarity task of this run"
+        )
     return out
+
+
+def lease_problem(db_url: str, dag_id: str, run_id: str) -> str | None:
+    """Why this run may not work now (another run holds the lease, or none does); None if it holds it.
+
+    start_run takes the lease; every later task checks it again, so a task of an old run that is
+    cleared and rerun while another run works cannot write underneath that run.
+    """
+    with connect(db_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT value FROM pipeline_state WHERE name = %s", (LEASE_KEY,))
+        row = cur.fetchone()
+    held = row[0] if row else {}
+    if held.get("dag_id") == dag_id and held.get("run_id") == run_id:
+        return None
+    if not held.get("run_id"):
+        return "no run holds the run lease (this run finished or was taken over); clear start_run to take it again"
+    return f"run {held['run_id']!r} of {held.get('dag_id')} holds the run lease now; this run may not write"
 
 
 def record_run(

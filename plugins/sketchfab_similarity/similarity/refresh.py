@@ -101,6 +101,16 @@ class Plan:
     last_index: np.ndarray
     """Per uid: index of the last entry of its published list (-1 if none)."""
     plan_id: str
+    base_plan_id: str | None = None
+    """The published plan this one was computed against: publish refuses to apply it on top of another."""
+
+
+class StalePlan(RuntimeError):
+    """model_similarity was published by another plan since this one was made: its diff no longer applies."""
+
+
+class LostStaging(RuntimeError):
+    """Staged lists of finished parts are gone (a server crash empties the unlogged staging tables)."""
 
 
 @dataclass
@@ -235,6 +245,7 @@ def make_plan(
         ),
         last_index=np.where(has_last, last_index, -1).astype(np.int64),
         plan_id=digest.hexdigest()[:16],
+        base_plan_id=state.get("plan_id"),
     )
 
 
@@ -508,14 +519,22 @@ def publish(cur, plan: Plan, shrinks: bool) -> tuple[int, int]:
     return written, int(rows)
 
 
-def finish_part(db_url: str, plan: Plan, run_key: str, part: int, parts: int, stats: RefreshStats) -> None:
-    """Record this part as done; the part that completes the run publishes it."""
+def finish_part(
+    db_url: str, plan: Plan, run_key: str, part: int, parts: int, stats: RefreshStats, lists: int = 0
+) -> None:
+    """Record this part as done (with how many lists it staged); the part that completes the run publishes.
+
+    Before publishing, the staged lists are counted against what the parts recorded: the staging
+    tables are unlogged, so a server crash empties them while the (logged) part records survive,
+    and publishing what is left would silently publish nothing. That case fails loudly instead,
+    as does a plan whose base is no longer the published table (a cleared task of an old run).
+    """
     with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO similarity_parts (run_key, part, parts, plan_id) VALUES (%s, %s, %s, %s) "
+            "INSERT INTO similarity_parts (run_key, part, parts, plan_id, lists) VALUES (%s, %s, %s, %s, %s) "
             "ON CONFLICT (run_key, part) DO UPDATE SET parts = EXCLUDED.parts, plan_id = EXCLUDED.plan_id, "
-            "finished_at = now()",
-            (run_key, part, parts, plan.plan_id),
+            "lists = EXCLUDED.lists, finished_at = now()",
+            (run_key, part, parts, plan.plan_id, lists),
         )
     with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PUBLISH_LOCK_KEY,))
@@ -539,7 +558,30 @@ def finish_part(db_url: str, plan: Plan, run_key: str, part: int, parts: int, st
         state = (cur.fetchone() or [{}])[0]
         if state.get("plan_id") == plan.plan_id:
             log.info("plan %s is already published", plan.plan_id)
+            stats.published = True
             return
+        if state.get("plan_id") != plan.base_plan_id:
+            raise StalePlan(
+                f"plan {plan.plan_id} was computed against published plan {plan.base_plan_id}, but "
+                f"{state.get('plan_id')} is published now; it is not applied (run the refresh again)"
+            )
+        cur.execute(
+            "SELECT p.part, p.lists, count(l.uid) FROM similarity_parts p LEFT JOIN similarity_staging_lists l "
+            "ON l.plan_id = p.plan_id AND l.part = p.part WHERE p.run_key = %s GROUP BY p.part, p.lists",
+            (run_key,),
+        )
+        counts = cur.fetchall()
+        lost = [p for p, expected, staged in counts if staged != expected]
+        if lost:
+            # Forget those parts, so a rerun of them is awaited again instead of publishing without them.
+            cur.execute("DELETE FROM similarity_parts WHERE run_key = %s AND part = ANY(%s)", (run_key, lost))
+            conn.commit()
+            staged, expected = sum(c[2] for c in counts), sum(c[1] for c in counts)
+            raise LostStaging(
+                f"{staged} of the {expected} lists the parts staged are left (Postgres restarted and "
+                f"emptied the unlogged staging tables?); nothing was published: clear every "
+                f"refresh_similarity task of this run to compute parts {sorted(lost)} again"
+            )
         shrinks = plan.mode == "full" or topn.neighbours_k(len(plan.uids), plan.n) < state.get("top_n", 0)
         stats.rows_written, stats.rows = publish(cur, plan, shrinks)
         stats.published = True
@@ -597,7 +639,7 @@ def refresh_similarity(
     stats.updated = len(lists.rows) - stats.recomputed
     write_staging(settings.db_url, plan, shard.index, lists)
     clock = lap(seconds, "stage", clock)
-    finish_part(settings.db_url, plan, run_key, shard.index, shard.count, stats)
+    finish_part(settings.db_url, plan, run_key, shard.index, shard.count, stats, lists=len(lists.rows))
     lap(seconds, "publish", clock)
     progress.finish(
         f"{plan.mode}: {len(lists.rows)} lists computed ({stats.recomputed} from scratch, {stats.updated} "
