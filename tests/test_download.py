@@ -311,3 +311,35 @@ def test_shards_split_the_work_without_overlap(world):
     fetched = [thumbnails.download_thumbnails(settings, shard=shard).fetched for shard in Shard.all(3)]
     assert sum(fetched) == 30 and all(fetched)
     assert {r[0] for r in rows(settings.db_url).values()} == {"ok"} and len(rows(settings.db_url)) == 30
+
+
+def test_hostile_image_corpus_over_http_is_kept_or_refused_and_never_breaks_the_batch(world):
+    from hostile_images import corpus
+    from sketchfab_similarity.core.images import decode_for_model
+    from sketchfab_similarity.core.runs import failed_stages
+
+    samples = corpus()
+    catalog = Catalog.generate(60, seed=35)
+    uid_of = {name: m.uid for name, m in zip(samples, catalog.models, strict=False)}
+    bodies = {uid_of[name]: (ctype, data) for name, (ctype, data, _) in samples.items()}
+    _, settings = world(catalog, FaultConfig(thumbnail_bodies=bodies))
+    stats = thumbnails.download_thumbnails(settings)
+    got = rows(settings.db_url)
+    store = ArtifactStore(settings.thumbnail_store)
+    refused = 0
+    for name, (_, data, expected) in samples.items():
+        status, error, _, stored_path, *_ = got[uid_of[name]]
+        if expected is None:
+            assert status == "ok", (name, error)
+            assert store.get(stored_path) == data
+            assert decode_for_model(store.get(stored_path), 32).shape == (32, 32, 3), name
+        else:
+            refused += 1
+            assert status == "failed" and expected in error, (name, error)
+    good = [m.uid for m in catalog.models if m.uid not in bodies]
+    assert all(got[u][0] == "ok" for u in good), "nothing good is lost"
+    assert stats.failed == refused == 9 and stats.fetched == 51
+    counts = {"download_thumbnails": {"fetched": stats.fetched, "failed": stats.failed}}
+    assert failed_stages(counts, settings.failure_max_share, settings.failure_min_items) == {}, (
+        "run stays green"
+    )

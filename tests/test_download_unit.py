@@ -193,7 +193,7 @@ def test_validation_turns_every_failure_into_a_recorded_result(tmp_path, monkeyp
     rejected, _ = validate_and_store(DownloadTask("d" * 32, URL), cut, store, SETTINGS)
     assert rejected.error.startswith("[permanent] truncated or corrupt image: ")
 
-    def explode(data, max_pixels):
+    def explode(data, max_pixels, **_):
         raise RuntimeError("decoder bug")
 
     monkeypatch.setattr(download, "open_checked", explode)

@@ -124,3 +124,37 @@ def test_decode_modes_and_nearest_decodes_in_full():
     assert np.abs(reduced - decode_for_model(data, 64, jpeg_decode="full")).mean() < 2.0
     with pytest.raises(ValueError, match="jpeg_decode must be one of"):
         decode_for_model(data, 64, jpeg_decode="fast")
+
+
+def test_hostile_corpus_is_accepted_or_refused_alike_by_both_paths_without_decoding_bombs():
+    from hostile_images import corpus
+    from sketchfab_similarity.core.images import MAX_DECODE_BYTES, decode_cost
+    from sketchfab_similarity.core.settings import Settings
+
+    settings = Settings()
+    outcomes = {}
+    for name, (_, data, expected) in corpus().items():
+        try:
+            img = to_rgb(
+                open_checked(data, settings.max_image_pixels, max_bytes=settings.max_image_decode_bytes)
+            )
+            assert img.mode == "RGB"
+            verdict = None
+        except ImageRejected as exc:
+            verdict = str(exc)
+        for jpeg_decode in ("reduced", "full"):
+            try:
+                pixels = decode_for_model(data, 32, jpeg_decode=jpeg_decode)
+                assert pixels.shape == (32, 32, 3), name
+                again = None
+            except ImageRejected as exc:
+                again = str(exc)
+            assert (again is None) == (verdict is None), (name, jpeg_decode, again, verdict)
+        outcomes[name] = verdict
+        if expected is None:
+            assert verdict is None, (name, verdict)
+        else:
+            assert verdict is not None and verdict.startswith(expected), (name, verdict)
+    assert len(outcomes) == 17
+    # A tiny file may not cost more than the budget: the header decides, before any decoding.
+    assert decode_cost("RGBA", 4000, 4000) > MAX_DECODE_BYTES > decode_cost("RGB", 1920, 1080) * 10

@@ -24,9 +24,54 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 parsers away from untrusted bytes."""
 EXIF_ORIENTATION = 0x0112
 
+MAX_DECODE_BYTES = 128 * 2**20
+"""Default memory budget of decoding one image (Settings.max_image_decode_bytes)."""
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
-def open_checked(data: bytes, max_pixels: int, formats: tuple[str, ...] = ALLOWED_FORMATS) -> Image.Image:
+
+def decode_cost(mode: str, width: int, height: int) -> int:
+    """Bytes that decoding and converting an image to RGB takes at its peak, from its header alone.
+
+    The decoded pixels, plus what `to_rgb` allocates next to them: an RGBA copy, a white
+    background and the composite for images with alpha; a 32-bit copy and an 8-bit result for
+    16-bit images; the RGB result for everything. Pixel counts alone hide a factor of five:
+    a 100 kB PNG of 5000x5000 RGBA costs 375 MB, an RGB JPEG of the same size 75 MB.
+    """
+    pixels = width * height
+    decoded = _MODE_BYTES.get(mode, 3 if mode in ("RGB", "YCbCr", "LAB", "HSV") else 4)
+    extra = 0
+    if mode in _ALPHA_MODES or mode == "P":
+        extra = 3 * 4  # RGBA conversion, background, composite (palette images may carry transparency)
+    elif mode.startswith("I") or mode == "F":
+        extra = 4 + 1
+    return pixels * (decoded + extra + 3)
+
+
+def _check_size(img: Image.Image, max_pixels: int, max_bytes: int) -> None:
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageRejected(
+            f"too many pixels: image is {width}x{height} = {width * height} pixels, over the {max_pixels} cap"
+        )
+    cost = decode_cost(img.mode, width, height)
+    if cost > max_bytes:
+        raise ImageRejected(
+            f"too costly to decode: {width}x{height} {img.mode} needs about {cost // 2**20} MiB, over the "
+            f"{max_bytes // 2**20} MiB budget"
+        )
+
+
+def open_checked(
+    data: bytes,
+    max_pixels: int,
+    formats: tuple[str, ...] = ALLOWED_FORMATS,
+    max_bytes: int = MAX_DECODE_BYTES,
+) -> Image.Image:
     """Open and fully decode, refusing empty, non-image, truncated and oversized images.
+
+    Size is checked from the header, before any pixel is decoded: pixels against `max_pixels`,
+    and the decode's memory (`decode_cost`) against `max_bytes`, so a tiny file cannot cost GBs.
 
     Reasons read "<kind>: <detail>" so failures can be counted by kind.
     """
@@ -38,11 +83,7 @@ def open_checked(data: bytes, max_pixels: int, formats: tuple[str, ...] = ALLOWE
         raise ImageRejected(f"decompression bomb: {exc}") from None
     except Exception as exc:
         raise ImageRejected(f"not a decodable image ({', '.join(formats)}): {exc}") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ImageRejected(
-            f"too many pixels: image is {width}x{height} = {width * height} pixels, over the {max_pixels} cap"
-        )
+    _check_size(img, max_pixels, max_bytes)
     try:
         img.load()
     except Exception as exc:
@@ -58,7 +99,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I"):  # 16-bit greyscale PNGs: scale to 8 bits instead of clipping to white
-        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        wide = np.clip(np.asarray(img), 0, 65535)  # uint16 or int32 as decoded: no wider copy
         img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
@@ -114,7 +155,7 @@ def resize_for_model(
     return img.resize((size, size), INTERPOLATIONS[interpolation], box=box)
 
 
-def open_reduced(data: bytes, size: int, max_pixels: int) -> Image.Image:
+def open_reduced(data: bytes, size: int, max_pixels: int, max_bytes: int = MAX_DECODE_BYTES) -> Image.Image:
     """Like open_checked, but a JPEG is decoded in the DCT domain at 1/2, 1/4 or 1/8 scale while
     both sides stay >= REDUCING_GAP x size: the decoder averages instead of the resize, and it is faster."""
     if not data:
@@ -125,11 +166,16 @@ def open_reduced(data: bytes, size: int, max_pixels: int) -> Image.Image:
         raise ImageRejected(f"decompression bomb: {exc}") from None
     except Exception as exc:
         raise ImageRejected(f"not a decodable image: {exc}") from None
+    if img.format not in ALLOWED_FORMATS:
+        raise ImageRejected(f"not a decodable image ({', '.join(ALLOWED_FORMATS)}): {img.format}")
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageRejected(f"image is {width}x{height} = {width * height} pixels, over the {max_pixels} cap")
+        raise ImageRejected(
+            f"too many pixels: image is {width}x{height} = {width * height} pixels, over the {max_pixels} cap"
+        )
     if img.format == "JPEG":
         img.draft(None, (REDUCING_GAP * size, REDUCING_GAP * size))
+    _check_size(img, max_pixels, max_bytes)  # after draft: a reduced JPEG decodes fewer pixels
     try:
         img.load()
     except Exception as exc:
@@ -143,7 +189,8 @@ def decode_for_model(
     mode: str = "squash",
     interpolation: str = "bilinear",
     jpeg_decode: str = "reduced",
-    max_pixels: int = 40_000_000,
+    max_pixels: int = 16_777_216,
+    max_bytes: int = MAX_DECODE_BYTES,
 ) -> np.ndarray:
     """Bytes -> float32 RGB array (size, size, 3) in 0..255, ready for VGG16 preprocessing.
 
@@ -153,7 +200,7 @@ def decode_for_model(
     if jpeg_decode not in JPEG_DECODES:
         raise ValueError(f"jpeg_decode must be one of {JPEG_DECODES}, got {jpeg_decode!r}")
     if effective_jpeg_decode(interpolation, jpeg_decode) == "reduced":
-        img = open_reduced(data, size, max_pixels)
+        img = open_reduced(data, size, max_pixels, max_bytes)
     else:
-        img = open_checked(data, max_pixels)
+        img = open_checked(data, max_pixels, max_bytes=max_bytes)
     return np.asarray(resize_for_model(to_rgb(img), size, mode, interpolation), dtype=np.float32)

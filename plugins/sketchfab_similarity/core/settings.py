@@ -61,8 +61,13 @@ class Settings:
     """Connect/read timeout for every HTTP request."""
     max_image_bytes: int = 10_000_000
     """Thumbnails larger than this are refused while streaming."""
-    max_image_pixels: int = 40_000_000
-    """Thumbnails with more pixels than this are refused before decoding (decompression bombs)."""
+    max_image_pixels: int = 16_777_216
+    """Thumbnails with more pixels than this (4096x4096; Sketchfab's largest is 1920x1080) are refused
+    from the header, before decoding (decompression bombs)."""
+    max_image_decode_bytes: int = 128 * 2**20
+    """Memory one image may take to decode and convert to RGB, estimated from its header (mode and
+    size: RGBA and 16-bit images cost several times an RGB JPEG of the same size); larger ones are
+    refused before decoding. Times the decode threads, this bounds the stages' image memory."""
     max_download_attempts: int = 3
     """A thumbnail that failed for a transient reason is retried on later runs up to this many times."""
     api_retries: int = 6

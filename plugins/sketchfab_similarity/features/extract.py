@@ -23,7 +23,7 @@ import numpy as np
 from ..core.backend import cpu_count
 from ..core.db import connect
 from ..core.featurespec import EMBEDDING_DIM, FeatureSpec, l2_normalise, preprocess
-from ..core.images import decode_for_model
+from ..core.images import MAX_DECODE_BYTES, decode_for_model
 from ..core.progress import Progress
 from ..core.settings import Settings
 from ..core.sharding import WHOLE, Shard
@@ -116,18 +116,30 @@ class FeatureExtractor:
     """An engine plus the decode pipeline. Build once, call on many images."""
 
     def __init__(
-        self, spec: FeatureSpec, engine: Engine, workers: int = 0, max_pixels: int = 40_000_000
+        self,
+        spec: FeatureSpec,
+        engine: Engine,
+        workers: int = 0,
+        max_pixels: int = 16_777_216,
+        max_decode_bytes: int = MAX_DECODE_BYTES,
     ) -> None:
         self.spec = spec
         self.engine = engine
         self.workers = workers or cpu_count()
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
 
     def prepare(self, data: bytes) -> np.ndarray:
         """Bytes -> preprocessed (s, s, 3) float32, on a decode thread (Pillow and numpy release the GIL)."""
         spec = self.spec
         pixels = decode_for_model(
-            data, spec.input_size, spec.resize, spec.interpolation, spec.jpeg_decode, self.max_pixels
+            data,
+            spec.input_size,
+            spec.resize,
+            spec.interpolation,
+            spec.jpeg_decode,
+            self.max_pixels,
+            self.max_decode_bytes,
         )
         return preprocess(pixels)
 
@@ -186,7 +198,9 @@ class FeatureExtractor:
 
 def make_extractor(spec: FeatureSpec, settings: Settings) -> tuple[FeatureExtractor, str]:
     engine, device = make_engine(spec, settings)
-    extractor = FeatureExtractor(spec, engine, settings.decode_workers, settings.max_image_pixels)
+    extractor = FeatureExtractor(
+        spec, engine, settings.decode_workers, settings.max_image_pixels, settings.max_image_decode_bytes
+    )
     log.info(
         "extract engine %s on %s (keras backend %s), batch %d, %d decode threads",
         engine.name, device, os.environ.get("KERAS_BACKEND"), engine.batch_size, extractor.workers,

@@ -93,7 +93,7 @@ def validate_and_store(
     """Decode fully, normalise, hash and store. CPU and disk work: runs on a worker thread."""
     try:
         try:
-            decoded = open_checked(data, settings.max_image_pixels)
+            decoded = open_checked(data, settings.max_image_pixels, max_bytes=settings.max_image_decode_bytes)
             img = to_rgb(decoded)
         except ImageRejected as exc:
             kind, _, detail = str(exc).partition(": ")
