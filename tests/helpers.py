@@ -37,10 +37,14 @@ def stored_embeddings(db_url: str) -> tuple[list[str], np.ndarray]:
     return uids, matrix
 
 
+def cosine_matrix(matrix: np.ndarray) -> np.ndarray:
+    normed = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    return normed @ normed.T
+
+
 def brute_force_top_n(uids: list[str], matrix: np.ndarray, n: int) -> dict[str, list[tuple[str, float]]]:
     """Full float64 cosine matrix, sorted by (-score, uid) in plain Python."""
-    normed = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
-    sims = normed @ normed.T
+    sims = cosine_matrix(matrix)
     out = {}
     for i, uid in enumerate(uids):
         others = sorted((-sims[i, j], uids[j]) for j in range(len(uids)) if j != i)
@@ -49,8 +53,16 @@ def brute_force_top_n(uids: list[str], matrix: np.ndarray, n: int) -> dict[str, 
 
 
 def assert_similarity_is_exact(db_url: str, n: int, tol: float = 1e-5) -> int:
-    """model_similarity equals the brute-force top-n, up to float32 rounding among near-ties."""
+    """model_similarity equals the brute-force top-n: every (rank, uid, score), ties by uid.
+
+    Each row is checked on its own: the stored score is the true cosine of that pair (float64,
+    computed here), the score at each rank is the brute force's, no uid repeats or names the
+    model itself, and a uid other than the brute force's at a rank is accepted only when the two
+    are within float32 rounding of each other (not exactly equal: exact ties go by uid).
+    """
     uids, matrix = stored_embeddings(db_url)
+    index = {u: i for i, u in enumerate(uids)}
+    sims = cosine_matrix(matrix)
     expected = brute_force_top_n(uids, matrix, n)
     rows = query(db_url, "SELECT uid, rank, similar_uid, score FROM model_similarity ORDER BY uid, rank")
     actual: dict[str, list[tuple[str, float]]] = {}
@@ -61,9 +73,18 @@ def assert_similarity_is_exact(db_url: str, n: int, tol: float = 1e-5) -> int:
     for uid, exp in expected.items():
         got = actual[uid]
         assert len(got) == len(exp), f"{uid}: {len(got)} neighbours, expected {len(exp)}"
-        for (g_uid, g_score), (e_uid, e_score) in zip(got, exp, strict=True):
-            assert abs(g_score - e_score) < tol, f"{uid}: score {g_score} != {e_score}"
-            if g_uid != e_uid:  # only acceptable between (near-)equal scores
-                e_map = dict(exp)
-                assert g_uid in e_map or abs(g_score - exp[-1][1]) < tol, f"{uid}: {g_uid} is not a top-{n}"
+        assert len({g for g, _ in got}) == len(got), f"{uid}: a neighbour is listed twice: {got}"
+        for rank, ((g_uid, g_score), (e_uid, e_score)) in enumerate(zip(got, exp, strict=True), start=1):
+            assert g_uid != uid and g_uid in index, f"{uid} rank {rank}: {g_uid} is not another model"
+            true = sims[index[uid], index[g_uid]]
+            assert abs(g_score - true) < tol, (
+                f"{uid} rank {rank}: {g_uid} scored {g_score}, its cosine is {true}"
+            )
+            assert abs(g_score - e_score) < tol, f"{uid} rank {rank}: score {g_score} != {e_score}"
+            if g_uid != e_uid:
+                gap = abs(true - e_score)
+                assert 0 < gap < tol, (
+                    f"{uid} rank {rank}: {g_uid} ({true}) where the brute force has {e_uid} ({e_score})"
+                    + (": an exact tie goes to the smaller uid" if gap == 0 else "")
+                )
     return len(rows)

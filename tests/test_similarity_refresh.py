@@ -413,3 +413,52 @@ def test_rows_left_in_staging_by_an_abandoned_refresh_are_never_published(make_s
     assert similarity.refresh_similarity(settings).mode == "incremental"
     assert_similarity_is_exact(settings.db_url, 3)
     assert similarity.refresh_similarity(settings, full=True).rows_written == 0
+
+
+def test_the_exactness_check_catches_every_wrong_row(make_settings):
+    """The independent check the other tests rely on must fail on each kind of wrong table."""
+    rng = np.random.default_rng(24)
+    settings = make_settings(top_n=4)
+    put_vectors(settings, random_uids(rng, 40), Vectors(rng, copies=0.5).make(40))
+    similarity.refresh_similarity(settings)
+    assert assert_similarity_is_exact(settings.db_url, 4) == 160
+    rows = query(
+        settings.db_url, "SELECT uid, rank, similar_uid, score FROM model_similarity ORDER BY uid, rank"
+    )
+    by_uid: dict[str, list] = {}
+    for uid, rank, similar, score in rows:
+        by_uid.setdefault(uid, []).append((rank, similar, score))
+    distinct = next(u for u, r in by_uid.items() if r[0][2] - r[1][2] > 1e-3)  # ranks 1 and 2 differ
+    tied = next(u for u, r in by_uid.items() if r[0][2] == r[1][2] and r[0][1] != r[1][1])  # an exact tie
+
+    def mutated(sql: str, params: tuple) -> None:
+        execute(settings.db_url, sql, params)
+        try:
+            with pytest.raises(AssertionError):
+                assert_similarity_is_exact(settings.db_url, 4)
+        finally:
+            execute(settings.db_url, "DELETE FROM model_similarity WHERE uid = %s", (params[-1],))
+            execute(
+                settings.db_url,
+                "INSERT INTO model_similarity (uid, rank, similar_uid, score, feature_version) "
+                "SELECT %s, r, s, sc, (SELECT min(feature_version) FROM model_similarity) "
+                "FROM unnest(%s::int[], %s::text[], %s::real[]) AS t(r, s, sc)",
+                (params[-1], *map(list, zip(*by_uid[params[-1]], strict=True))),
+            )
+            assert_similarity_is_exact(settings.db_url, 4)
+
+    swap = (
+        "UPDATE model_similarity s SET similar_uid = o.similar_uid FROM model_similarity o "
+        "WHERE s.uid = %s AND o.uid = s.uid AND s.rank IN (1, 2) AND o.rank = 3 - s.rank"
+    )
+    mutated(swap, (distinct,))  # uids of ranks 1 and 2 swapped, scores kept
+    mutated(
+        swap.replace("similar_uid = o.similar_uid", "similar_uid = o.similar_uid, score = o.score"),
+        (distinct,),
+    )
+    mutated(swap, (tied,))  # an exact tie out of uid order
+    mutated(
+        "UPDATE model_similarity SET similar_uid = (SELECT similar_uid FROM model_similarity WHERE uid = %s "
+        "AND rank = 1) WHERE uid = %s AND rank = 2",
+        (distinct, distinct),
+    )  # a duplicate
