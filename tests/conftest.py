@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import devenv  # noqa: E402
+import processes  # noqa: E402
 from sketchfab_similarity.core import db  # noqa: E402
 from sketchfab_similarity.core.settings import Settings  # noqa: E402
 
@@ -59,3 +60,46 @@ def make_settings(fresh_db: str, tmp_path: Path):
         return Settings(**values)
 
     return make
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Orphans of anything a test starts are re-parented to this process, so none can escape the checks.
+    config.stash[_SUBREAPER] = processes.become_subreaper()
+
+
+_SUBREAPER = pytest.StashKey[bool]()
+_LEFT_BEHIND = pytest.StashKey[list]()
+
+
+@pytest.fixture(autouse=True)
+def no_processes_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every process a test starts is stopped when the test ends, pass or fail.
+
+    Leftovers (other than the session's shared Postgres) are killed (SIGTERM, then SIGKILL) and
+    fail the test that left them, so a leak is fixed where it starts.
+    """
+    before = {p.pid for p in processes.descendants()}
+    yield
+    left = [
+        p for p in processes.descendants() if p.pid not in before and not processes.is_session_postgres(p)
+    ]
+    if left:
+        listing = processes.describe(left)
+        processes.kill_all(left)
+        request.config.stash.setdefault(_LEFT_BEHIND, []).append(f"{request.node.nodeid}:\n{listing}")
+        pytest.fail(f"the test left processes running (now killed):\n{listing}", pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any child process outlives it (the shared Postgres is stopped by then)."""
+    left = processes.descendants()
+    if left:
+        listing = processes.describe(left)
+        processes.kill_all(left)
+        session.config.stash.setdefault(_LEFT_BEHIND, []).append(f"at the end of the session:\n{listing}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    for entry in config.stash.get(_LEFT_BEHIND, []):
+        terminalreporter.write_line(f"processes left running by {entry}", red=True)

@@ -25,6 +25,7 @@ import pytest
 import requests
 from fake_sketchfab import Catalog, start_server
 from helpers import query
+from processes import stop_tree
 from sketchfab_similarity import crawl, features, similarity, thumbnails, vectors
 from sketchfab_similarity.core import db
 from sketchfab_similarity.core.settings import Settings
@@ -124,6 +125,14 @@ def test_make_airflow_serves_the_ui_gallery_and_runs_a_backfill(pg_uri, tmp_path
     home, log = tmp_path / "airflow", tmp_path / "standalone.log"
     port = free_port()
     base = f"http://localhost:{port}"
+    # Every port the standalone listens on is a free one: the log servers' fixed defaults (8793,
+    # 8794) collide with any other Airflow on the machine, and a scheduler or triggerer that cannot
+    # bind them dies and the run never becomes healthy.
+    ports = {
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(free_port()),
+    }
     # An empty catalog at first: the scheduled run that starts as soon as the DAG is live finds nothing.
     catalog = Catalog.generate(0, seed=5, base=datetime(2025, 12, 31, 12), spacing=timedelta(hours=3))
     tuning = {
@@ -133,6 +142,7 @@ def test_make_airflow_serves_the_ui_gallery_and_runs_a_backfill(pg_uri, tmp_path
         "AIRFLOW_VAR_SIMILARITY_DOWNLOAD_SHARD_SIZE": "8",
         "AIRFLOW_VAR_SIMILARITY_EXTRACT_SHARD_SIZE": "10",
         "AIRFLOW__CORE__PARALLELISM": "4",
+        **ports,
     }
     with start_server(catalog) as server:
         proc = subprocess.Popen(
@@ -246,12 +256,9 @@ def test_make_airflow_serves_the_ui_gallery_and_runs_a_backfill(pg_uri, tmp_path
             for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
                 assert end <= start, f"two runs worked at the same time: {spans}"
         finally:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+            # The whole tree, pass or fail: the scheduler ignores SIGTERM and its LocalExecutor
+            # workers leave the process group, so a group signal alone left them running.
+            stop_tree(proc, signal.SIGINT, grace_s=60)
 
         settings = Settings(
             db_url=reference_db,

@@ -127,9 +127,11 @@ def test_pacing_spreads_the_remaining_budget_until_reset(monkeypatch):
     assert slept == []
     c._pace(response(X_RateLimit_Remaining="1", X_RateLimit_Reset="6"))  # seconds from now
     assert slept[-1] == pytest.approx((6 + sketchfab.RESET_MARGIN_S) / 2)
-    c._pace(response(X_RateLimit_Remaining="0", X_RateLimit_Reset=str(time.time() + 10)))  # epoch
-    assert slept[-1] == pytest.approx(10 + sketchfab.RESET_MARGIN_S, abs=0.1)
-    c._pace(response(X_RateLimit_Remaining="0", X_RateLimit_Reset=str(time.time() + 3600)))
+    now = 1_800_000_000.0  # a fake clock: epoch resets are read against it
+    monkeypatch.setattr(sketchfab.time, "time", lambda: now)
+    c._pace(response(X_RateLimit_Remaining="0", X_RateLimit_Reset=str(now + 10)))  # epoch
+    assert slept[-1] == pytest.approx(10 + sketchfab.RESET_MARGIN_S)
+    c._pace(response(X_RateLimit_Remaining="0", X_RateLimit_Reset=str(now + 3600)))
     assert slept[-1] == 30.0, "capped"
     c._pace(response(X_RateLimit_Remaining="zero", X_RateLimit_Reset="soon"))
     assert len(slept) == 3 and c.paced_s == pytest.approx(sum(slept))

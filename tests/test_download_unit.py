@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
-import time
 from email.utils import formatdate
 
 import numpy as np
@@ -142,11 +141,13 @@ def test_a_hanging_server_hits_the_whole_download_deadline():
     assert info.value.transient
 
 
-def test_retry_delay_honours_capped_retry_after_else_backs_off_with_jitter():
+def test_retry_delay_honours_capped_retry_after_else_backs_off_with_jitter(monkeypatch):
     assert httpretry.retry_delay(0, "3", 0.2, 10.0) == 3.0
     assert httpretry.retry_delay(0, "3600", 0.2, 10.0) == 10.0
-    in_5s = formatdate(time.time() + 5, usegmt=True)
-    assert 3.5 < httpretry.retry_delay(0, in_5s, 0.2, 10.0) <= 5.0
+    now = 1_800_000_000.0  # a fake clock: the HTTP date is read against it, no wall-clock slack
+    monkeypatch.setattr(httpretry.time, "time", lambda: now)
+    assert httpretry.retry_delay(0, formatdate(now + 5, usegmt=True), 0.2, 10.0) == 5.0
+    assert httpretry.retry_delay(0, formatdate(now - 5, usegmt=True), 0.2, 10.0) == 0.0
     assert 0.8 <= httpretry.retry_delay(2, None, 0.2, 10.0) <= 1.0  # 0.2 * 2**2 plus up to 0.2 jitter
     assert 0.2 <= httpretry.retry_delay(0, "soon", 0.2, 10.0) <= 0.4, "unparseable: plain backoff"
 

@@ -125,11 +125,14 @@ def test_engine_choice_errors():
 def test_backend_defaults_keep_tensorflow_and_grow_gpu_memory(monkeypatch):
     for name in ("KERAS_BACKEND", "TF_FORCE_GPU_ALLOW_GROWTH", "XLA_PYTHON_CLIENT_PREALLOCATE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KERAS_BACKEND", "jax")  # a user's choice wins
-    backend.configure_backend()
-    assert os.environ["KERAS_BACKEND"] == "jax"
+    backend.configure_backend()  # nothing chosen: TensorFlow
+    assert os.environ["KERAS_BACKEND"] == "tensorflow"
     assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setenv("KERAS_BACKEND", "jax")  # a user's choice wins
+    monkeypatch.setenv("TF_FORCE_GPU_ALLOW_GROWTH", "false")
+    backend.configure_backend()
+    assert os.environ["KERAS_BACKEND"] == "jax" and os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "false"
 
 
 def test_prefetch_keeps_memory_bounded():

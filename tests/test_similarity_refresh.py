@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import psycopg2
@@ -275,6 +274,14 @@ def test_readers_see_the_old_table_or_the_new_one_never_a_short_list(make_settin
     short: list[tuple] = []
     seen_versions: set[str] = set()
     counts = [0] * 6
+    read = threading.Event()
+
+    def until_every_reader_read_again() -> None:
+        """Events, not sleeps: return once each reader has finished one more query."""
+        start = list(counts)
+        while any(c <= s for c, s in zip(counts, start, strict=True)) and not errors:
+            read.clear()
+            read.wait(1.0)
 
     def reader(slot: int) -> None:
         conn = psycopg2.connect(dbname=url.database, user=url.username, host=url.query["host"])
@@ -303,6 +310,7 @@ def test_readers_see_the_old_table_or_the_new_one_never_a_short_list(make_settin
                     except Exception as exc:
                         errors.append(repr(exc))
                     counts[slot] += 1
+                    read.set()
         finally:
             conn.close()
 
@@ -310,7 +318,7 @@ def test_readers_see_the_old_table_or_the_new_one_never_a_short_list(make_settin
     for t in threads:
         t.start()
     try:
-        time.sleep(0.2)
+        until_every_reader_read_again()
         # A full rebuild that replaces every row (new feature version) ...
         other = make_settings(top_n=20, random_seed=1)
         put_vectors(other, stable, vectors.make(3000))
@@ -324,14 +332,14 @@ def test_readers_see_the_old_table_or_the_new_one_never_a_short_list(make_settin
             assert similarity.refresh_similarity(other).mode == "incremental"
         # ... and a forced rebuild.
         assert similarity.refresh_similarity(other, full=True).published
-        time.sleep(0.2)
+        until_every_reader_read_again()
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert errors == []
     assert short == []
-    assert min(counts) > 20, counts
+    assert min(counts) >= 2, counts  # every reader read before and after the writes
     assert seen_versions == {FeatureSpec.from_settings(s).version for s in (settings, other)}
 
 
