@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 from datetime import timedelta
@@ -61,7 +62,9 @@ def test_a_new_migration_gives_up_on_a_held_table_instead_of_queueing_readers(fr
     (sql_dir / "199_probe.sql").write_text(
         "ALTER TABLE sketchfab_models ADD COLUMN IF NOT EXISTS probe int;\n"
     )
-    reader = connect(fresh_db)
+    # The server ends the reader's transaction after 20 s: a migration without lock_timeout would wait
+    # that long and then not raise, failing the test instead of hanging it.
+    reader = connect(fresh_db, idle_in_transaction_session_timeout="20s")
     try:
         with reader.cursor() as cur:
             cur.execute("SELECT count(*) FROM sketchfab_models")  # holds its lock until the transaction ends
@@ -73,7 +76,8 @@ def test_a_new_migration_gives_up_on_a_held_table_instead_of_queueing_readers(fr
             assert cur.fetchone() == (0,)
         other.close()
     finally:
-        reader.rollback()
+        with contextlib.suppress(psycopg2.Error):
+            reader.rollback()
         reader.close()
     assert db.apply_schema(fresh_db, sql_dir) == ["199_probe.sql"]
     assert db.apply_schema(fresh_db, sql_dir) == []
