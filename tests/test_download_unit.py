@@ -47,7 +47,10 @@ def test_public_address_policy(address, public):
     ("url", "kind"),
     [
         ("https://media.sketchfab.com/a.jpeg", None),
-        ("http://MEDIA.sketchfab.com:8080/a.jpeg", None),
+        ("http://MEDIA.sketchfab.com:80/a.jpeg", None),
+        ("https://media.sketchfab.com:443/a.jpeg", None),
+        ("http://MEDIA.sketchfab.com:8080/a.jpeg", "port not allowed"),
+        ("https://media.sketchfab.com:6379/a.jpeg", "port not allowed"),
         ("ftp://media.sketchfab.com/a.jpeg", "scheme not allowed"),
         ("file:///etc/passwd", "scheme not allowed"),
         ("https://user:pw@media.sketchfab.com/a.jpeg", "bad URL"),
@@ -172,6 +175,17 @@ def test_private_ip_literals_need_the_private_list_too():
         fetch.check_allowed("http://10.0.0.5/t.jpeg", ("10.0.0.5",))
     fetch.check_allowed("http://10.0.0.5/t.jpeg", ("10.0.0.5",), private_hosts=("10.0.0.5",))
     fetch.check_allowed("http://93.184.216.34/t.jpeg", ("93.184.216.34",))
+    # IPv6 forms that carry a private IPv4 address are not public: NAT64, 6to4, Teredo, mapped.
+    for literal in (
+        "64:ff9b::a00:1",
+        "2002:a00:1::1",
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+        "::ffff:10.0.0.1",
+    ):
+        with pytest.raises(FetchFailed, match="^private address"):
+            fetch.check_allowed(f"http://[{literal}]/t.jpeg", (literal,))
+    assert fetch.is_public_address("64:ff9b::808:808") and fetch.is_public_address("2002:808:808::1")
+    fetch.check_allowed("http://localhost:51234/t.jpeg", ("localhost",), private_hosts=("localhost",))
 
 
 def test_validation_turns_every_failure_into_a_recorded_result(tmp_path, monkeypatch):

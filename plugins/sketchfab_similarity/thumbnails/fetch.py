@@ -55,11 +55,27 @@ class PrivateAddressRefused(OSError):
     """A DNS answer we refuse; an OSError because that is what aiohttp expects from a resolver."""
 
 
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+"""The well-known NAT64 prefix: the last 32 bits are an IPv4 address a NAT64 gateway connects to."""
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def is_public_address(address: str) -> bool:
-    """Globally routable unicast only: no private, loopback, link-local, CGNAT, reserved or multicast."""
+    """Globally routable unicast only: no private, loopback, link-local, CGNAT, reserved or multicast.
+
+    IPv6 forms that carry an IPv4 address (mapped, NAT64, 6to4, Teredo) are judged by that
+    address: 64:ff9b::a00:1 reaches 10.0.0.1 through a NAT64 gateway.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in NAT64_PREFIX:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip.teredo is not None:
+            return False  # a tunnel to an address we cannot check
     return ip.is_global and not ip.is_multicast
 
 
@@ -102,9 +118,12 @@ def check_allowed(url: str, allowed_hosts: tuple[str, ...], private_hosts: tuple
     try:
         literal = ipaddress.ip_address(host)
     except ValueError:
-        return  # a name: the resolver checks what it resolves to
-    if host not in private_hosts and not is_public_address(str(literal)):
+        literal = None  # a name: the resolver checks what it resolves to
+    if literal is not None and host not in private_hosts and not is_public_address(str(literal)):
         raise FetchFailed("private address", f"{host} is not a public address", transient=False)
+    if parts.port not in (None, DEFAULT_PORTS[parts.scheme]) and host not in private_hosts:
+        # An allow-listed host serves images on its web port; another port is another service.
+        raise FetchFailed("port not allowed", f"{parts.port} on {host!r}", transient=False)
 
 
 @dataclass(frozen=True)
