@@ -210,7 +210,8 @@ def merge_extracted(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def load_vectors(context: dict[str, Any], extracted: dict[str, Any]) -> dict[str, Any]:
-    return asdict(vectors.load_vectors(leased_settings(context), list(extracted.get("files") or [])))
+    files = list(extracted.get("files") or [])
+    return asdict(vectors.load_vectors(leased_settings(context), files, remove_loaded=True))
 
 
 def refresh_parts(environ: Mapping[str, str] = os.environ) -> list[dict[str, int]]:

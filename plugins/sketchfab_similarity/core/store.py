@@ -11,12 +11,27 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
+
+FEATURE_KEY = re.compile(r"features/[0-9a-f]{16}/[0-9a-f]{32}\.npz")
+"""What FeatureBatch.key() produces; keys arriving through XCom must match before they are read."""
+THUMBNAIL_KEY = re.compile(r"[0-9a-f]{2}/[0-9a-f]{64}\.(jpg|png|webp|img)")
+"""What ArtifactStore.key_for() produces."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    key: str
+    size: int
+    mtime: float | None
+    """Seconds since the epoch; None where the filesystem does not say."""
 
 
 def _fsync_dir(path: str) -> None:
@@ -112,6 +127,22 @@ class ArtifactStore:
 
     def get(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
+
+    def delete(self, key: str) -> None:
+        """Remove one file; a file that is already gone is fine."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(key))
+
+    def files(self) -> Iterator[StoredFile]:
+        """Every file under the root, with its key (path relative to the root), size and mtime."""
+        if not self.fs.exists(self.root):
+            return
+        for path, info in self.fs.find(self.root, detail=True).items():
+            key = path[len(self.root) :].lstrip("/") if path.startswith(self.root) else path
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            yield StoredFile(key, int(info.get("size") or 0), float(mtime) if mtime is not None else None)
 
     def read(self, key: str) -> bytes:
         """`get`, with failures to read (other than a missing file) raised as TransientReadError."""

@@ -26,7 +26,7 @@ from ..core.featurespec import EMBEDDING_DIM
 from ..core.pgcopy import copy_rows
 from ..core.progress import Progress, lap
 from ..core.settings import Settings
-from ..core.store import ArtifactStore, FeatureBatch
+from ..core.store import FEATURE_KEY, ArtifactStore, FeatureBatch
 from ..core.uids import is_uid
 from .hnsw import HNSW_INDEX, configure_search, drop_hnsw_index, ensure_hnsw_index
 
@@ -48,6 +48,8 @@ class LoadStats:
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     failed_files: dict[str, str] = field(default_factory=dict)
     """Feature files that could not be read, with the reason (their models are extracted again)."""
+    files_removed: int = 0
+    """Feature files deleted after the load (tasks remove them; see load_vectors)."""
     index: str = "unchanged"
     seconds: dict[str, float] = field(default_factory=dict)
     """Time per phase: check (which rows change), load (batches), index (HNSW (re)build)."""
@@ -159,13 +161,22 @@ def incoming_changes(db_url: str, files: list[tuple[list[str], list[str], str]])
     return int(changes), int(rows)
 
 
-def load_vectors(settings: Settings, keys: list[str]) -> LoadStats:
-    """Load the feature files written by extract_features (keys relative to the thumbnail store)."""
+def load_vectors(settings: Settings, keys: list[str], remove_loaded: bool = False) -> LoadStats:
+    """Load the feature files written by extract_features (keys relative to the thumbnail store).
+
+    Keys come through XCom: one that is not a feature-file key is refused unread. With
+    `remove_loaded`, the files are deleted once every one of them is loaded (their vectors are in
+    the table, and a rerun extracts again what it needs); a failed load keeps them for its retry.
+    """
     stats = LoadStats()
     store = ArtifactStore(settings.thumbnail_store)
     clock = time.perf_counter()
     readable = []
     for key in keys:
+        if not isinstance(key, str) or not FEATURE_KEY.fullmatch(key):
+            stats.failed_files[str(key)[:200]] = "not a feature-file key (features/<16 hex>/<32 hex>.npz)"
+            log.error("refusing feature-file key %r: not a key extract_features writes", str(key)[:200])
+            continue
         try:
             readable.append((key, store.feature_ids(key)))
         except Exception as exc:  # a damaged file must not stop the others
@@ -191,6 +202,13 @@ def load_vectors(settings: Settings, keys: list[str]) -> LoadStats:
         stats.index = ensure_hnsw_index(settings)
         configure_search(settings)
         lap(stats.seconds, "index", clock)
+    if remove_loaded:
+        for key in keys:
+            try:
+                store.delete(key)
+                stats.files_removed += 1
+            except OSError as exc:  # garbage collection removes it later
+                log.warning("could not remove loaded feature file %s: %s", key, exc)
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.rejects_by_reason.items()))
     progress.finish(
         f"{stats.loaded} vectors loaded ({stats.changed} changed), {stats.rejected} rejected, "
