@@ -176,6 +176,12 @@ class Settings:
     migration_lock_timeout_s: float = 5.0
     """Variable `similarity_migration_lock_timeout_s`: how long a new schema migration waits for a table
     lock before giving up (the task is retried), so readers never queue behind it for longer."""
+    gallery_statement_timeout_s: float = 5.0
+    """Variable `similarity_gallery_statement_timeout_s`: the gallery's queries are cancelled after this;
+    a page shows an error instead of holding a database connection."""
+    gallery_db_role: str = "similarity_gallery_reader"
+    """Variable `similarity_gallery_db_role`: the read-only role the gallery's connections switch to
+    (created by sql/102 when the pipeline's user may create roles); empty: the pipeline's own role."""
     failure_max_share: float = 0.5
     """Variable `similarity_failure_max_share`: a stage whose failed items exceed this share of its
     items (rejected records, failed downloads, failed extractions, rejected vectors) fails the run,
@@ -270,6 +276,8 @@ VARIABLES: dict[str, str] = {
     "similarity_api_retries": "api_retries",
     "similarity_hnsw_ef_search": "hnsw_ef_search",
     "similarity_migration_lock_timeout_s": "migration_lock_timeout_s",
+    "similarity_gallery_statement_timeout_s": "gallery_statement_timeout_s",
+    "similarity_gallery_db_role": "gallery_db_role",
     "similarity_failure_max_share": "failure_max_share",
     "similarity_failure_min_items": "failure_min_items",
 }

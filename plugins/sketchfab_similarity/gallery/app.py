@@ -36,6 +36,7 @@ from .queries import (
     first_line,
     get_model,
     overview,
+    reader_url,
     recent_models,
     search_models,
     similar_models,
@@ -153,7 +154,7 @@ def create_app(settings: Callable[[], Settings], dependencies: Sequence[Any] = (
             raise Unavailable(first_line(exc)) from None
 
     def db_url() -> str:
-        return current_settings().db_url
+        return reader_url(current_settings())
 
     @app.exception_handler(NoData)
     async def no_data(request: Request, exc: NoData) -> HTMLResponse:

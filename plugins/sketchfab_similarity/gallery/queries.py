@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from ..core.db import connect
 from ..core.runs import STAGES
+from ..core.settings import Settings
 from ..core.uids import is_uid
 
 SEARCH_LIMIT = 48
@@ -58,6 +61,17 @@ class Overview:
     stages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
+def reader_url(settings: Settings) -> str:
+    """The database URL the gallery reads through: its read-only role and a statement timeout,
+    set for each connection by libpq's `options` (so no query can forget them)."""
+    url = make_url(settings.db_url)
+    options = [url.query.get("options", "")] if url.query.get("options") else []
+    options.append(f"-c statement_timeout={max(1, int(settings.gallery_statement_timeout_s * 1000))}")
+    if settings.gallery_db_role:
+        options.append(f"-c role={settings.gallery_db_role}")
+    return url.update_query_dict({"options": " ".join(options)}).render_as_string(hide_password=False)
+
+
 def _query(db_url: str, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple]:
     import psycopg2.errors
     import sqlalchemy.exc
@@ -66,6 +80,8 @@ def _query(db_url: str, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -
         with connect(db_url) as conn, conn.cursor() as cur:
             cur.execute(sql, params)
             return cur.fetchall()
+    except psycopg2.errors.QueryCanceled:
+        raise Unavailable("the query took longer than the gallery's statement timeout") from None
     except (psycopg2.errors.UndefinedTable, psycopg2.errors.UndefinedFunction) as exc:
         raise NoData(first_line(exc)) from None
     except (psycopg2.OperationalError, sqlalchemy.exc.OperationalError) as exc:
