@@ -1,7 +1,8 @@
 """Airflow plugin: the similarity gallery, served by the API server and linked from the UI's navigation.
 
 The gallery reads the `similarity_db` connection and the `similarity_*` Variables like
-the DAG does; only signed-in Airflow users can open it (others are sent to the login page).
+the DAG does; only signed-in Airflow users who may read the DAG's runs can open it (it shows
+what those runs produced): others are sent to the login page, or refused with 403.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from sketchfab_similarity.gallery.app import cached, create_app
 from starlette.exceptions import HTTPException
 
 URL_PREFIX = "/similarity-gallery"
+DAG_ID = "sketchfab_visual_similarity"
+"""The DAG whose results the gallery shows: its read permission decides who may see them."""
 
 
-def _signed_in_users_only():
-    from airflow.api_fastapi.core_api.security import requires_authenticated
+def _readers_of_the_dag_only():
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.core_api.security import requires_access_dag
 
-    return requires_authenticated()
+    return requires_access_dag("GET", DagAccessEntity.RUN, DAG_ID)
 
 
 async def _login_first(request: Request, exc: HTTPException):
@@ -32,7 +36,7 @@ async def _login_first(request: Request, exc: HTTPException):
     return await http_exception_handler(request, exc)
 
 
-gallery_app = create_app(cached(settings_from_airflow), dependencies=[_signed_in_users_only()])
+gallery_app = create_app(cached(settings_from_airflow), dependencies=[_readers_of_the_dag_only()])
 gallery_app.add_exception_handler(HTTPException, _login_first)
 
 
