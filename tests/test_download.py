@@ -21,6 +21,7 @@ from sketchfab_similarity.core.images import open_checked, to_rgb
 from sketchfab_similarity.core.sharding import Shard
 from sketchfab_similarity.core.store import ArtifactStore
 from sketchfab_similarity.crawl.crawler import CrawlWindow
+from sketchfab_similarity.thumbnails import fetch
 
 pytestmark = pytest.mark.integration
 
@@ -245,6 +246,8 @@ def test_an_allowed_name_resolving_to_a_private_address_is_refused(world, monkey
     server, settings = world(
         Catalog.generate(4, seed=37), media_host="media.example.test", thumbnail_private_hosts=private
     )
+    # The test server's port stands for the web port (only that port of a public host is allowed).
+    monkeypatch.setitem(fetch.DEFAULT_PORTS, "http", server.port)
     stats = thumbnails.download_thumbnails(settings)
     if private_ok:
         assert stats.fetched == 4
