@@ -254,7 +254,7 @@ def test_crawl_killed_mid_way_resumes_after_the_last_committed_page(crawl_settin
         settings = crawl_settings(server)
         script = (
             "import sys; from sketchfab_similarity import crawl; "
-            "from sketchfab_similarity.settings import Settings; "
+            "from sketchfab_similarity.core.settings import Settings; "
             f"s = Settings(db_url={settings.db_url!r}, api_base_url={server.api_base_url!r}); "
             "crawl.crawl(s, crawl.CrawlWindow(), checkpoint_key='killed')"
         )

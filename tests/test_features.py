@@ -192,7 +192,7 @@ def test_weights_files_in_both_keras_formats_give_the_same_vectors(tmp_path):
 def test_imagenet_without_network_or_cache_fails_with_instructions(tmp_path):
     """Keras' real loader, an empty cache and a proxy that refuses: never random, always a way out."""
     code = (
-        "from sketchfab_similarity.features import FeatureSpec, load_vgg16\n"
+        "from sketchfab_similarity.core.featurespec import FeatureSpec\nfrom sketchfab_similarity.features.vgg16 import load_vgg16\n"
         "load_vgg16(FeatureSpec(weights='imagenet', input_size=32))\n"
     )
     env = {
