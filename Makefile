@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)/tools
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast airflow bench db schema stop-db lint format lock clean
+.PHONY: setup demo test test-fast airflow bench db schema stop-db lint format docs lock clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+
+## Regenerate the README's Variables table from core/settings.py.
+docs: setup
+	$(PY) tools/docs.py
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

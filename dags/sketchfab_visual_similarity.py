@@ -29,6 +29,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from sketchfab_similarity import tasks
+from sketchfab_similarity.core.runs import STAGES
 from sketchfab_similarity.core.settings import dag_settings
 
 DAG_ID = "sketchfab_visual_similarity"
@@ -180,16 +181,8 @@ def sketchfab_visual_similarity():
         crawled: dict, downloaded: list[dict], extracted: list[dict], loaded: dict, refreshed: list[dict]
     ) -> dict:
         """Logs and returns the run's counts, records them in `pipeline_runs`, releases the run lease."""
-        return tasks.summarize_run(
-            get_current_context(),
-            {
-                "crawl_models": crawled,
-                "download_thumbnails": downloaded,
-                "extract_features": extracted,
-                "load_vectors": loaded,
-                "refresh_similarity": refreshed,
-            },
-        )
+        results = (crawled, downloaded, extracted, loaded, refreshed)
+        return tasks.summarize_run(get_current_context(), dict(zip(STAGES, results, strict=True)))
 
     crawled = crawl_models()
     start_run() >> crawled
@@ -222,7 +215,7 @@ def sketchfab_visual_similarity():
         }
         return result
 
-    refreshed = refresh_similarity.expand(part=tasks.refresh_parts())
+    refreshed = refresh_similarity.expand(part=tasks.refresh_parts(SETTINGS))
     loaded >> refreshed
     # --- end of refresh_similarity -----------------------------------------------------------
 

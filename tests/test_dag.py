@@ -102,13 +102,26 @@ def test_schedule_pools_and_queues_come_from_variables(monkeypatch):
     [
         ("similarity_schedule", "every day", "similarity_schedule 'every day' is not a cron expression"),
         ("similarity_catchup", "sometimes", "must be true or false"),
-        ("similarity_download_shard_size", "0", "must be >= 1"),
+        ("similarity_task_retries", "-1", "similarity_task_retries must be >= 0"),
     ],
 )
 def test_bad_variables_are_import_errors_with_the_reason(monkeypatch, variable, value, message):
     errors = import_errors(monkeypatch, **{variable: value})
     assert len(errors) == 1
     assert message in next(iter(errors.values()))
+
+
+def test_parsing_reads_only_the_variables_that_shape_the_dag(monkeypatch):
+    """A task-time Variable with a bad value cannot break parsing: the parse never reads it."""
+    assert import_errors(monkeypatch, similarity_download_shard_size="0", similarity_top_n="none") == {}
+
+
+def test_task_ids_are_defined_once():
+    from sketchfab_similarity.core.runs import STAGES
+    from sketchfab_similarity.tasks import SUMMARY_FIELDS
+
+    assert list(STAGES) == CONTRACT_TASKS
+    assert list(SUMMARY_FIELDS) == CONTRACT_TASKS
 
 
 def test_retries_back_off_exponentially_and_tasks_time_out():

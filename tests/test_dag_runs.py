@@ -148,8 +148,9 @@ def test_run_summary_is_replaced_by_a_rerun(fresh_db):
 def test_unknown_conf_keys_fail_the_run_with_the_valid_names():
     from airflow.sdk.exceptions import AirflowFailException
 
-    context = {"dag_run": SimpleNamespace(conf={"max_model": 5, "top_n": 3})}
+    dag = SimpleNamespace(params={"max_models": None, "top_n": None})
+    context = {"dag": dag, "dag_run": SimpleNamespace(conf={"max_model": 5, "top_n": 3})}
     with pytest.raises(AirflowFailException, match="Unknown parameter\\(s\\) 'max_model'.*max_models"):
         tasks.check_conf(context)
-    tasks.check_conf({"dag_run": SimpleNamespace(conf={"top_n": 3})})
-    tasks.check_conf({"dag_run": SimpleNamespace(conf=None)})
+    tasks.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf={"top_n": 3})})
+    tasks.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf=None)})

@@ -265,7 +265,7 @@ def test_readers_see_the_old_table_or_the_new_one_never_a_short_list(make_settin
     vectors = Vectors(rng, copies=0.0)
     settings = make_settings(top_n=20)
     # Not needed by these readers, and inserting 6,000 vectors into a live HNSW graph takes a while.
-    execute(settings.db_url, "DROP INDEX model_embeddings_hnsw_idx")
+    execute(settings.db_url, "DROP INDEX IF EXISTS model_embeddings_hnsw_idx")
     stable = random_uids(rng, 3000)
     put_vectors(settings, stable, vectors.make(3000))
     similarity.refresh_similarity(settings)

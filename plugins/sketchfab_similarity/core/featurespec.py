@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .images import INTERPOLATIONS, JPEG_DECODES, RESIZE_MODES, effective_jpeg_decode
-from .settings import Settings
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 EMBEDDING_DIM = 512
 

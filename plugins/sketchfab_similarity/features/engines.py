@@ -16,12 +16,10 @@ import numpy as np
 
 from ..core.backend import cpu_count, gpu_available
 from ..core.featurespec import EMBEDDING_DIM, FeatureSpec, check_choice
-from ..core.settings import Settings
+from ..core.settings import EXTRACT_ENGINES, Settings
 from .vgg16 import build_keras_extractor, load_vgg16
 
 log = logging.getLogger(__name__)
-
-ENGINES = ("auto", "keras", "ncnn")
 
 
 class Engine(Protocol):
@@ -128,7 +126,7 @@ def ncnn_installed() -> bool:
 
 def choose_engine(requested: str, precision: str, gpu: bool, ncnn_ok: bool) -> str:
     """auto: Keras where it has a GPU or mixed precision is asked for, ncnn on a CPU."""
-    check_choice("similarity_extract_engine", requested, ENGINES)
+    check_choice("similarity_extract_engine", requested, EXTRACT_ENGINES)
     if requested != "auto":
         if requested == "ncnn" and not ncnn_ok:
             raise RuntimeError("similarity_extract_engine=ncnn but the ncnn package is not installed")
