@@ -59,3 +59,12 @@ def test_modules_are_small_or_say_why():
         if lines > MAX_LINES:
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
             assert "Why this module is long:" in doc, f"{path.relative_to(ROOT)} has {lines} lines"
+
+
+def test_the_sql_schema_agrees_with_the_core_constants():
+    from sketchfab_similarity.core.featurespec import EMBEDDING_DIM
+    from sketchfab_similarity.core.uids import UID_PATTERN
+
+    sql = "\n".join(p.read_text() for p in sorted((ROOT / "sql").glob("*.sql")))
+    assert f"vector({EMBEDDING_DIM})" in sql
+    assert f"CHECK (uid ~ '{UID_PATTERN}')" in sql

@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.engine import URL
 
-from .featurespec import ALLOWED_LAYERS, POOLINGS, PRECISIONS
 from .images import INTERPOLATIONS, JPEG_DECODES, RESIZE_MODES
 
 API_CONN_ID = "sketchfab_api"
@@ -35,6 +34,11 @@ DEFAULT_API_BASE_URL = "https://api.sketchfab.com"
 VARIABLE_PREFIX = "similarity_"
 REFRESH_ENGINES = ("auto", "numpy", "keras")
 EXTRACT_ENGINES = ("auto", "keras", "ncnn")
+# VGG16 layers whose output has 512 channels, so the pooled vector fits the vector(512) column.
+ALLOWED_LAYERS = ("block4_conv1", "block4_conv2", "block4_conv3", "block4_pool",
+                  "block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")  # fmt: skip
+POOLINGS = ("avg", "max")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 # How a setting reaches a deployment.
 CONNECTION = "connection"
@@ -90,7 +94,7 @@ def default_thumbnail_store() -> str:
 def check_value(name: str, value: Any) -> None:
     """Validate one field's value against its metadata; the error names the Variable a user sets."""
     info: SettingInfo = Settings.__dataclass_fields__[name].metadata["setting"]
-    label = info.variable(name) or name
+    label = f"Variable {info.variable(name)}" if info.variable(name) else name
     if info.choices is not None and value not in info.choices:
         raise ValueError(f"{label} must be one of {', '.join(info.choices)}; got {value!r}")
     if info.minimum is not None and value < info.minimum:

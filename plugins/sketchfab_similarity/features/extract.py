@@ -25,7 +25,7 @@ from ..core.db import connect
 from ..core.featurespec import EMBEDDING_DIM, FeatureSpec, l2_normalise, preprocess
 from ..core.images import decode_for_model
 from ..core.progress import Progress
-from ..core.settings import Settings
+from ..core.settings import Settings, default_value
 from ..core.sharding import WHOLE, Shard
 from ..core.store import ArtifactStore, FeatureBatch
 from .engines import Engine, make_engine
@@ -108,7 +108,11 @@ class FeatureExtractor:
     """An engine plus the decode pipeline. Build once, call on many images."""
 
     def __init__(
-        self, spec: FeatureSpec, engine: Engine, workers: int = 0, max_pixels: int = 40_000_000
+        self,
+        spec: FeatureSpec,
+        engine: Engine,
+        workers: int = default_value("decode_workers"),
+        max_pixels: int = default_value("max_image_pixels"),
     ) -> None:
         self.spec = spec
         self.engine = engine
