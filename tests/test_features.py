@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +232,7 @@ def test_mixed_precision_runs_and_leaves_the_global_policy_alone():
 
 
 def crawl_and_download(settings) -> None:
-    crawl.crawl(settings, crawl.incremental_window(settings.db_url, crawl.timedelta(hours=1)))
+    crawl.crawl(settings, crawl.incremental_window(settings.db_url, timedelta(hours=1)))
     thumbnails.download_thumbnails(settings)
 
 
