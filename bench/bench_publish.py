@@ -161,7 +161,7 @@ def main() -> None:
         settings = settings_for(db_url, top_n=20)
         add_models(socket_dir, uids, thumbnails=True)
         with connect(socket_dir) as conn, conn.cursor() as cur:
-            cur.execute("DROP INDEX model_embeddings_hnsw_idx")
+            cur.execute("DROP INDEX IF EXISTS model_embeddings_hnsw_idx")
         for start in range(0, args.models, 4096):
             batch = FeatureBatch(
                 uids[start : start + 4096],
