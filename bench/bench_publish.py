@@ -98,7 +98,7 @@ def staged_plan(settings, socket_dir: str, version: str) -> refresh.Plan:
     with connect(socket_dir) as conn, conn.cursor() as cur:
         cur.execute("UPDATE model_embeddings SET feature_version = %s", (version,))
     plan = refresh.make_plan(settings.db_url, version, settings.top_n)
-    lists = refresh.compute_full(plan, WHOLE, settings.refresh_tile, Progress("bench"))
+    lists = refresh.compute_full(plan, WHOLE, settings.refresh_tile, "numpy", Progress("bench"))
     refresh.write_staging(settings.db_url, plan, 0, lists)
     return plan
 

@@ -13,7 +13,7 @@ from sketchfab_similarity import similarity
 from sketchfab_similarity.core.featurespec import FeatureSpec
 from sketchfab_similarity.core.sharding import Shard
 from sketchfab_similarity.core.store import FeatureBatch
-from sketchfab_similarity.similarity import refresh
+from sketchfab_similarity.similarity import plan as refresh_plan
 from sketchfab_similarity.vectors.load import LoadStats, load_batch
 from sqlalchemy.engine import make_url
 
@@ -73,7 +73,7 @@ def current_uids(db_url: str) -> list[str]:
 @pytest.mark.parametrize(("seed", "n"), [(11, 6), (12, 3), (13, 10)])
 def test_incremental_equals_full_rebuild_over_random_sequences(make_settings, monkeypatch, seed, n):
     # Take the incremental path whenever it is possible, however much it has to recompute.
-    monkeypatch.setattr(refresh, "INCREMENTAL_LIMIT", 1.0)
+    monkeypatch.setattr(refresh_plan, "INCREMENTAL_LIMIT", 1.0)
     rng = np.random.default_rng(seed)
     vectors = Vectors(rng)
     settings = make_settings(top_n=n, refresh_tile=32)

@@ -72,23 +72,27 @@ class ExtractResult:
     failures: dict[str, str] = field(default_factory=dict)
 
 
+def pending_query(shard: Shard) -> str:
+    """Good thumbnails of this shard with no vector for this version and these bytes (a uid range
+    the "C" indexes serve, so a shard reads only its own rows)."""
+    return f"""
+        SELECT t.uid, t.stored_path, t.content_hash
+        FROM model_thumbnails t
+        LEFT JOIN model_embeddings e ON e.uid = t.uid AND {shard.sql_predicate("e.uid")}
+        WHERE t.status = 'ok' AND {shard.sql_predicate("t.uid")}
+          AND (%(force)s OR e.uid IS NULL OR e.feature_version <> %(version)s
+               OR e.content_hash <> t.content_hash)
+        ORDER BY t.uid
+    """  # noqa: S608 (the predicate is built from two integers)
+
+
 def pending_extractions(
     db_url: str, version: str, force: bool = False, shard: Shard = WHOLE
 ) -> list[PendingImage]:
     """Good thumbnails with no vector for this feature version and these exact bytes."""
     with connect(db_url) as conn, conn.cursor() as cur:
-        cur.execute(
-            """
-            SELECT t.uid, t.stored_path, t.content_hash
-            FROM model_thumbnails t LEFT JOIN model_embeddings e ON e.uid = t.uid
-            WHERE t.status = 'ok'
-              AND (%(force)s OR e.uid IS NULL OR e.feature_version <> %(version)s
-                   OR e.content_hash <> t.content_hash)
-            ORDER BY t.uid
-            """,
-            {"force": force, "version": version},
-        )
-        return [PendingImage(*row) for row in cur.fetchall() if shard.contains(row[0])]
+        cur.execute(pending_query(shard), {"force": force, "version": version})
+        return [PendingImage(*row) for row in cur.fetchall()]
 
 
 def mark_unreadable(db_url: str, failures: dict[str, str]) -> None:

@@ -206,26 +206,30 @@ def iter_downloads(
         thread.join(timeout=settings.download_deadline_s + 5)
 
 
-def plan_downloads(settings: Settings, shard: Shard = WHOLE, limit: int | None = None) -> DownloadPlan:
+def plan_query(shard: Shard) -> str:
+    """Every model of this shard with its recorded download, newest first; the shard is a uid
+    range both tables' "C" indexes serve, so a shard reads only its own rows."""
+    return f"""
+        SELECT m.uid, m.thumbnails, t.source_url, t.status, t.error, t.attempts
+        FROM sketchfab_models m
+        LEFT JOIN model_thumbnails t ON t.uid = m.uid AND {shard.sql_predicate("t.uid")}
+        WHERE {shard.sql_predicate("m.uid")}
+        ORDER BY m.published_at DESC, m.uid
+    """  # noqa: S608 (the predicate is built from two integers)
+
+
+def plan_downloads(settings: Settings, shard: Shard = WHOLE) -> DownloadPlan:
     """What to fetch: no row yet, a changed chosen URL, or a transient failure with attempts left."""
     plan = DownloadPlan()
     with connect(settings.db_url) as conn, conn.cursor(name="plan_downloads") as cur:
         cur.itersize = 5000
-        cur.execute(
-            """
-            SELECT m.uid, m.thumbnails, t.source_url, t.status, t.error, t.attempts
-            FROM sketchfab_models m LEFT JOIN model_thumbnails t ON t.uid = m.uid
-            ORDER BY m.published_at DESC, m.uid
-            """
-        )
+        cur.execute(plan_query(shard))
         for uid, images, stored_url, status, error, attempts in cur:
-            if not shard.contains(uid):
-                continue
             url = choose_thumbnail(images, settings.input_size)
             skip = skip_reason(url, stored_url, status, error, attempts, settings.max_download_attempts)
             if skip:
                 plan.skipped_by_reason[skip] += 1
-            elif limit is None or len(plan.tasks) < limit:
+            else:
                 plan.tasks.append(DownloadTask(uid, url))
     return plan
 
@@ -250,10 +254,8 @@ def skip_reason(
     return None
 
 
-def pending_downloads(
-    settings: Settings, limit: int | None = None, shard: Shard = WHOLE
-) -> list[DownloadTask]:
-    return plan_downloads(settings, shard, limit).tasks
+def pending_downloads(settings: Settings, shard: Shard = WHOLE) -> list[DownloadTask]:
+    return plan_downloads(settings, shard).tasks
 
 
 UPSERT_THUMBNAILS = """
@@ -289,11 +291,9 @@ def record_results(db_url: str, results: list[DownloadResult]) -> None:
         )
 
 
-def download_thumbnails(
-    settings: Settings, tasks: list[DownloadTask] | None = None, shard: Shard = WHOLE
-) -> DownloadStats:
+def download_thumbnails(settings: Settings, shard: Shard = WHOLE) -> DownloadStats:
     """Download every pending thumbnail (of this shard) concurrently; results are written in batches."""
-    plan = plan_downloads(settings, shard) if tasks is None else DownloadPlan(tasks=tasks)
+    plan = plan_downloads(settings, shard)
     stats = DownloadStats(
         candidates=len(plan.tasks),
         skipped=sum(plan.skipped_by_reason.values()),
