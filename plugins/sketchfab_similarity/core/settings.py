@@ -54,6 +54,17 @@ class Settings:
     """Variable `similarity_crawl_overlap_minutes`: re-read window below the watermark."""
     page_size: int = 24
     """Models per API page (24 is the API's maximum)."""
+    api_listing_cap: int = 10_000
+    """Variable `similarity_api_listing_cap`: how many results one listing query yields at most before
+    the API stops paging it. Listings that reach it are split into slices (face-count ranges, then
+    boolean facets) that each end before it; tests set it low to exercise slicing."""
+    crawl_slice_fill_percent: int = 50
+    """New slices are sized to about this share of the cap (from the models already stored), so that
+    estimation errors rarely make one reach the cap, which costs a re-crawl of it as smaller slices."""
+    crawl_recrawl_percent: int = 15
+    """Variable `similarity_crawl_recrawl_percent`: share of the slice map that each incremental run
+    pages again to its end (least recently crawled first), so deleted models and changed thumbnails
+    are noticed within about 100/percent runs; 0 turns it off. The Param `full_recrawl` does all."""
     download_workers: int = 32
     """Variable `similarity_download_workers`: thumbnail requests in flight at once (per task). At 20 ms
     per request, 16 cap a task near 750 thumbnails/s; 32 leave the CPU as the limit."""
@@ -185,6 +196,15 @@ class Settings:
         for name in ("task_retries", "retry_delay_s", "max_retry_delay_s", "task_timeout_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"similarity_{name} must be >= 0, got {getattr(self, name)}")
+        if self.api_listing_cap < 2 * self.page_size:
+            raise ValueError(
+                f"similarity_api_listing_cap must be >= {2 * self.page_size}, got {self.api_listing_cap}"
+            )
+        if not 0 <= self.crawl_recrawl_percent <= 100 or not 1 <= self.crawl_slice_fill_percent <= 100:
+            raise ValueError(
+                f"similarity_crawl_recrawl_percent must be 0..100 and crawl_slice_fill_percent 1..100, got "
+                f"{self.crawl_recrawl_percent}, {self.crawl_slice_fill_percent}"
+            )
         if not 1 <= self.page_size <= 24:
             raise ValueError(f"page_size must be between 1 and 24 (the API's maximum), got {self.page_size}")
         if self.download_workers < 1:
@@ -219,6 +239,8 @@ VARIABLES: dict[str, str] = {
     "similarity_top_n": "top_n",
     "similarity_random_seed": "random_seed",
     "similarity_crawl_overlap_minutes": "crawl_overlap_minutes",
+    "similarity_api_listing_cap": "api_listing_cap",
+    "similarity_crawl_recrawl_percent": "crawl_recrawl_percent",
     "similarity_download_workers": "download_workers",
     "similarity_extract_batch_size": "extract_batch_size",
     "similarity_gpu_batch_size": "gpu_batch_size",
