@@ -18,7 +18,9 @@ CONTRACT_TASKS = [
     "load_vectors",
     "refresh_similarity",
 ]
-PARAMS = {"max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh"}
+PARAMS = {
+    "max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh", "full_recrawl",
+}  # fmt: skip
 
 
 def load_dag():

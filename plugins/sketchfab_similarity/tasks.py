@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 # The DAG's params; any other key in a run's conf is a typo and fails the run.
 PARAM_NAMES = frozenset(
-    {"max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh"}
-)
+    {"max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh", "full_recrawl"}
+)  # fmt: skip
 
 REFRESH_PARTS_ENV = "AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS"
 
@@ -108,13 +108,16 @@ def start_run(context: dict[str, Any]) -> bool:
 def crawl_window(
     context: dict[str, Any], settings: Settings, filters: crawl.CrawlFilters = crawl.NO_FILTERS
 ) -> crawl.CrawlWindow:
-    """Backfills take exactly their data interval; other runs continue from the watermark."""
+    """Backfills take exactly their data interval; `full_recrawl` runs take everything; other runs
+    continue from the watermark."""
     run_type = getattr(context["dag_run"], "run_type", None)
     if getattr(run_type, "value", run_type) == "backfill":
         start, end = context.get("data_interval_start"), context.get("data_interval_end")
         if start is None or end is None:
             raise ValueError("A backfill run needs a data interval (give the DAG a schedule)")
         return crawl.CrawlWindow(since=start, until=end, incremental=False)
+    if (context.get("params") or {}).get("full_recrawl"):
+        return crawl.CrawlWindow(since=None, incremental=True)
     overlap = timedelta(minutes=settings.crawl_overlap_minutes)
     return crawl.incremental_window(settings.db_url, overlap, filters)
 
@@ -146,8 +149,16 @@ def crawl_models(context: dict[str, Any]) -> dict[str, Any]:
     filters = crawl_filters(context.get("params") or {})
     window = crawl_window(context, settings, filters)
     key = checkpoint_key(context)
-    log.info("crawl %s: window since=%s until=%s, %s", key, window.since, window.until, filters)
-    return asdict(crawl.crawl(settings, window, filters, checkpoint_key=key))
+    full_recrawl = bool((context.get("params") or {}).get("full_recrawl"))
+    log.info(
+        "crawl %s: window since=%s until=%s, %s, full_recrawl=%s",
+        key,
+        window.since,
+        window.until,
+        filters,
+        full_recrawl,
+    )
+    return asdict(crawl.crawl(settings, window, filters, checkpoint_key=key, full_recrawl=full_recrawl))
 
 
 def _shard_plan(stage: str, pending: int, shard_size: int, max_shards: int) -> list[dict[str, int]]:
@@ -227,7 +238,7 @@ def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = No
 # Per stage, the counts worth a line in the run summary, with why items failed (the full results stay
 # in each task's XCom).
 SUMMARY_FIELDS = {
-    "crawl_models": ("pages", "seen", "upserted", "rejected"),
+    "crawl_models": ("pages", "seen", "upserted", "rejected", "slices_crawled", "deleted"),
     "download_thumbnails": ("candidates", "fetched", "failed", "stored_new", "failures_by_reason"),
     "extract_features": ("extracted", "failed"),
     "load_vectors": ("loaded", "changed", "rejected", "rejects_by_reason"),

@@ -215,6 +215,7 @@ def plan_downloads(settings: Settings, shard: Shard = WHOLE, limit: int | None =
             """
             SELECT m.uid, m.thumbnails, t.source_url, t.status, t.error, t.attempts
             FROM sketchfab_models m LEFT JOIN model_thumbnails t ON t.uid = m.uid
+            WHERE m.deleted_at IS NULL
             ORDER BY m.published_at DESC, m.uid
             """
         )
