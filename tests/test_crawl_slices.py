@@ -158,3 +158,34 @@ def test_a_slice_the_api_refuses_is_reported_with_its_filters(settings_for, monk
     assert "Unknown filter" in message
     (status,) = query(settings.db_url, "SELECT status, error FROM crawl_runs")
     assert status[0] == "failed" and "refused slice" in status[1]
+
+
+def test_a_new_run_after_an_unfinished_first_load_skips_the_slices_already_paged(settings_for):
+    catalog = Catalog.generate(500, seed=26)
+    with start_server(catalog, listing_cap=CAP) as server:
+        settings = settings_for(server)
+        window = crawl.incremental_window(settings.db_url, timedelta(hours=1))
+        client = FailAfter(SketchfabClient.from_settings(settings), 14)
+        with pytest.raises(KeyboardInterrupt):
+            crawl.crawl(settings, window, client=client, checkpoint_key="monday")
+        paged = [
+            r[0]
+            for r in query(settings.db_url, "SELECT id FROM crawl_slices WHERE last_complete_at IS NOT NULL")
+        ]
+        assert len(paged) >= 2
+        # Monday's run gave up for good; Tuesday's run is a new crawl (no watermark yet: a first load again).
+        stats = crawl.crawl(
+            settings, crawl.incremental_window(settings.db_url, timedelta(hours=1)), checkpoint_key="tuesday"
+        )
+    assert stored(settings.db_url) == sorted(m.uid for m in catalog.models)
+    assert stats.complete and crawl.read_watermark(settings.db_url) == utc(catalog.models[0])
+    tuesday = [
+        r[0]
+        for r in query(
+            settings.db_url,
+            "SELECT p.slice_id FROM crawl_slice_passes p JOIN crawl_runs r ON r.id = p.crawl_id "
+            "WHERE r.run_key = 'tuesday'",
+        )
+    ]
+    assert tuesday and not set(paged) & set(tuesday), "slices Monday paged to their end are not paged again"
+    assert_map_covers_every_face_count(settings.db_url)

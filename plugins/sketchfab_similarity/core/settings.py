@@ -61,7 +61,7 @@ class Settings:
     crawl_slice_fill_percent: int = 50
     """New slices are sized to about this share of the cap (from the models already stored), so that
     estimation errors rarely make one reach the cap, which costs a re-crawl of it as smaller slices."""
-    crawl_recrawl_percent: int = 15
+    crawl_recrawl_percent: int = 10
     """Variable `similarity_crawl_recrawl_percent`: share of the slice map that each incremental run
     pages again to its end (least recently crawled first), so deleted models and changed thumbnails
     are noticed within about 100/percent runs; 0 turns it off. The Param `full_recrawl` does all."""

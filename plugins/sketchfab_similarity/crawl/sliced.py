@@ -129,8 +129,7 @@ def _decide(
         if root.status == "active":
             _split(cur, settings, cp, scope, scope_f, root, kind, stats.seen)
         else:
-            for leaf in slicemap.leaves(cur, scope):
-                slicemap.add_pass(cur, cp.id, leaf.id, kind)
+            _queue_leaves(cur, settings, cp, scope, scope_f, kind, full_recrawl)
     elif stats.stopped_by == "end of listing" and window.since is None and window.until is None:
         # The plain listing was the root slice, paged to its end: check what it lacked.
         cur.execute("SELECT started_at FROM crawl_runs WHERE id = %s", (cp.id,))
@@ -156,6 +155,34 @@ def _decide(
         if due:
             log.info("Re-crawling %d of %d slice(s) to their end", len(due), len(leaves))
     slicemap.save_slicing_state(cur, cp.id, {"hit_cap": hit_cap, "full_recrawl": full_recrawl})
+
+
+def _queue_leaves(
+    cur: Any,
+    settings: Any,
+    cp: Checkpoint,
+    scope: str,
+    scope_f: dict[str, Any],
+    kind: str,
+    full_recrawl: bool,
+) -> None:
+    """Queue every leaf of the map. A first load that an earlier run left unfinished (days of
+    requests at the anonymous rate) skips the leaves it already paged to their end, and goes on
+    with their sweeps: the newest models those leaves gained since are in this run's listing."""
+    resume = kind == "full" and not full_recrawl and cp.window.until is None
+    skipped = 0
+    for leaf in slicemap.leaves(cur, scope):
+        if resume and slicemap.completed(cur, leaf.id):
+            skipped += 1
+            _plan_next_sibling(
+                cur, settings, cp, scope, scope_f, slicemap.PassRow(cp.id, leaf, 0, kind, "done", None, 0, 0)
+            )
+        else:
+            slicemap.add_pass(cur, cp.id, leaf.id, kind)
+    if skipped:
+        log.info(
+            "Continuing an unfinished first load: %d slice(s) already paged to their end are skipped", skipped
+        )
 
 
 def _split(

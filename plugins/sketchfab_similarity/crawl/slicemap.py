@@ -99,6 +99,11 @@ def set_status(cur: Any, slice_id: int, status: str) -> None:
     cur.execute("UPDATE crawl_slices SET status = %s, updated_at = now() WHERE id = %s", (status, slice_id))
 
 
+def completed(cur: Any, slice_id: int) -> bool:
+    cur.execute("SELECT last_complete_at IS NOT NULL FROM crawl_slices WHERE id = %s", (slice_id,))
+    return bool(cur.fetchone()[0])
+
+
 def record_complete(cur: Any, slice_id: int, size: int) -> None:
     """The slice was paged to its end: its size and when (the rolling re-crawl's order)."""
     cur.execute(
