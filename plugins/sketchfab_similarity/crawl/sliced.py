@@ -91,6 +91,7 @@ def continue_crawl(
             _page_slice(settings, cp, filters, client, scope, scope_f, p, requests_base)
         else:
             _check_missing(settings, cp, client, scope_f, p, filters)
+            cp.stats.requests = requests_base + client.requests_made
     with connect(settings.db_url) as conn, conn.cursor() as cur:
         counts = slicemap.pass_counts(cur, cp.id)
     stats.slices_crawled = counts.get("done", 0)
