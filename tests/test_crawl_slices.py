@@ -189,3 +189,29 @@ def test_a_new_run_after_an_unfinished_first_load_skips_the_slices_already_paged
     ]
     assert tuesday and not set(paged) & set(tuesday), "slices Monday paged to their end are not paged again"
     assert_map_covers_every_face_count(settings.db_url)
+
+
+def test_a_gap_past_the_cap_with_no_slice_map_yet_builds_one_for_the_window(settings_for):
+    catalog = Catalog.generate(30, seed=27)  # ends more than a page before the cap: one listing, the root
+    with start_server(catalog, listing_cap=CAP) as server:
+        settings = settings_for(server)
+        first = crawl.crawl(
+            settings, crawl.incremental_window(settings.db_url, timedelta(minutes=1)), checkpoint_key="a"
+        )
+        assert first.slices_split == 0 and len(leaves_any(settings.db_url)) == 1
+        published = server.publish(5 * CAP)
+        stats = crawl.crawl(
+            settings, crawl.incremental_window(settings.db_url, timedelta(minutes=1)), checkpoint_key="b"
+        )
+    assert stored(settings.db_url) == sorted(m.uid for m in catalog.models) and len(published) == 5 * CAP
+    assert stats.slices_crawled > 1 and stats.complete
+    assert crawl.read_watermark(settings.db_url) == utc(published[0])
+    kinds = query(
+        settings.db_url,
+        "SELECT DISTINCT kind FROM crawl_slice_passes p JOIN crawl_runs r ON r.id = p.crawl_id WHERE r.run_key = 'b'",
+    )
+    assert kinds == [("window",)], "the slices stop at the window's start, not at the end of the catalogue"
+
+
+def leaves_any(db_url: str) -> list[tuple]:
+    return query(db_url, "SELECT id FROM crawl_slices WHERE status = 'active'")
