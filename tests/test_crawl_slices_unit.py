@@ -65,3 +65,15 @@ def test_the_cap_and_recrawl_share_are_variables():
         except ValueError:
             continue
         raise AssertionError(f"{bad} accepted")
+
+
+def test_density_sizing_scales_the_last_range_in_log_space():
+    from sketchfab_similarity.crawl.slices import density_child
+
+    parent = Slice(0, None)
+    # The last range 99..999 (a factor of 10) listed 1,000 records; aiming at 500 halves the log-width.
+    child = density_child(parent, 1000, Slice(99, 999), 1000, 500)
+    assert child.low == 1000 and child.high == int(1001 * 10**0.5) - 1
+    # Few records: grow at most GROWTH-fold in log-width; and never past the parent's top.
+    assert density_child(parent, 1000, Slice(99, 999), 10, 500).high == int(1001 * 10**GROWTH) - 1
+    assert density_child(Slice(0, 5000), 1000, Slice(99, 999), 10, 500) == Slice(1000, 5000)

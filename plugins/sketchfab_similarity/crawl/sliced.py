@@ -37,7 +37,7 @@ from .crawler import (
 )
 from .records import RejectedRecord, validate_model
 from .sketchfab import LISTING_CAP_SLACK, SketchfabAPIError, SketchfabClient
-from .slices import Slice, plan_child, scope_key, scope_sql, target_sample
+from .slices import Slice, density_child, plan_child, scope_key, scope_sql, target_sample
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,10 @@ def _plan_next_sibling(
         return  # a later child exists already
     history = slicemap.sweep_history(cur, cp.id, parent.id)
     target = target_sample(settings.api_listing_cap, settings.crawl_slice_fill_percent, history, 0)
-    child, held = plan_child(cur, parent.slice, row.slice.high + 1, scope_f, target)
+    low = row.slice.high + 1
+    target_records = settings.api_listing_cap * settings.crawl_slice_fill_percent / 100
+    by_density = density_child(parent.slice, low, row.slice, p.records, target_records)
+    child, held = plan_child(cur, parent.slice, low, scope_f, target, by_density)
     slicemap.add_pass(cur, cp.id, slicemap.get_or_create(cur, scope, child, parent.id, held).id, p.kind)
 
 

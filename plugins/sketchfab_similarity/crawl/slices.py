@@ -23,6 +23,8 @@ from .sketchfab import FACE_COUNT_FILTERS, FACET_FILTERS
 FACE_MAX = 2**62
 """Upper bound used where a range has none (`max_face_count` omitted)."""
 GROWTH = 4
+THIN_SAMPLE = 20
+"""Below this many stored models in the rest of a range, size by listing density instead."""
 """At most this many times the stored models of the previous child, until the rate is known."""
 FIRST_SHARE = 1024
 """The first child of a sweep takes 1/FIRST_SHARE of the stored models in the parent's range: the
@@ -126,10 +128,17 @@ def _count(cur: Any, where: str, params: list[Any]) -> int:
 
 
 def plan_child(
-    cur: Any, parent: Slice, low: int, scope_filters: dict[str, Any], target_sample: float
+    cur: Any,
+    parent: Slice,
+    low: int,
+    scope_filters: dict[str, Any],
+    target_sample: float,
+    thin_fallback: Slice | None = None,
 ) -> tuple[Slice, int]:
     """The next child of `parent`'s sweep, starting at face count `low`, holding about
-    `target_sample` of the stored models; returns it with the stored models it holds."""
+    `target_sample` of the stored models; returns it with the stored models it holds.
+    Where fewer than THIN_SAMPLE models are stored in the rest of the range (a backfill stores
+    only its interval; the tail above every stored model), `thin_fallback` is used instead."""
     scope_where, scope_params = scope_sql(scope_filters)
     facet_where, facet_params = Slice(0, FACE_MAX, parent.facets).sql()
     high_bound = FACE_MAX if parent.high is None else parent.high
@@ -138,6 +147,13 @@ def plan_child(
     rest = _count(cur, f"{base} AND face_count BETWEEN %s AND %s", [*base_params, low, high_bound])
     want = max(1, int(target_sample))
     whole = Slice(low, parent.high, parent.facets)
+    if rest < THIN_SAMPLE and thin_fallback is not None:
+        held = _count(
+            cur,
+            f"{base} AND face_count BETWEEN %s AND %s",
+            [*base_params, low, thin_fallback.high or FACE_MAX],
+        )
+        return thin_fallback, held
     if rest <= want * 1.5:
         if low > parent.low:
             return whole, rest
@@ -164,6 +180,18 @@ def geometric_child(parent: Slice, low: int) -> Slice:
     mid = int(math.sqrt((low + 1) * (min(high, max(low * 64, low + 4096)) + 1)))
     mid = max(low, min(mid, high - 1))
     return Slice(low, mid, parent.facets)
+
+
+def density_child(parent: Slice, low: int, last: Slice, last_records: int, target_records: float) -> Slice:
+    """The next range sized by the listing density (records per log face count) of the child
+    before it: for stretches where too few models are stored to size by."""
+    assert last.high is not None
+    width = max(math.log((last.high + 1) / (last.low + 1)), 1e-6)
+    scale = GROWTH if last_records <= 0 else min(GROWTH, target_records / last_records)
+    high = int((low + 1) * math.exp(width * scale)) - 1
+    if high >= FACE_MAX or (parent.high is not None and high >= parent.high):
+        return Slice(low, parent.high, parent.facets)
+    return Slice(low, max(low, high), parent.facets)
 
 
 def target_sample(cap: int, fill_percent: int, done: list[tuple[int, int]], parent_sample: int) -> float:
