@@ -78,6 +78,7 @@ def test_bootstrap_crawls_a_catalogue_far_past_the_cap(settings_for):
         stats = crawl.crawl(settings, crawl.incremental_window(settings.db_url, timedelta(hours=1)))
         pages = server.stats.count("list", 200)
     assert stored(settings.db_url) == sorted(m.uid for m in catalog.models)
+    assert any(not m.categories for m in catalog.models), "models in no category are covered too"
     assert stats.upserted == 700, "every model upserted exactly once"
     assert stats.complete and stats.slices_crawled > 700 // CAP and stats.slices_capped == 0
     assert crawl.read_watermark(settings.db_url) == utc(catalog.models[0])

@@ -99,6 +99,11 @@ def test_a_large_catalogue_is_long_tailed_and_renders_nothing_up_front():
     catalog = Catalog.generate(20_000, seed=43)
     faces = sorted(m.face_count for m in catalog.models)
     assert faces[0] < 100 and faces[-1] > 1_000_000 and 1_000 < statistics.median(faces) < 10_000
+    categories = Counter(slug for m in catalog.models for _, slug in m.categories)
+    uncategorised = sum(not m.categories for m in catalog.models)
+    assert len(categories) == 18 and 0.05 < uncategorised / len(catalog.models) < 0.2
+    sizes = sorted(categories.values())
+    assert sizes[-1] > 20 * sizes[0], "a few large categories, many small ones"
     licenses = Counter(m.license[0] for m in catalog.models)
     assert len(licenses) == 9 and licenses.most_common(1)[0][0] == "by"
     with start_server(catalog) as server:

@@ -203,6 +203,22 @@ _EXTRA_CATEGORIES = (
     ("Science & Technology", "science-technology"),
     ("Furniture & Home", "furniture-home"),
 )
+# Categories beyond the shape's own: long-tailed, a few large and many small (18 in all with the shapes').
+_MORE_CATEGORIES = (
+    ("Art & Abstract", "art-abstract"),
+    ("Characters & Creatures", "characters-creatures"),
+    ("Architecture", "architecture"),
+    ("Science & Technology", "science-technology"),
+    ("Furniture & Home", "furniture-home"),
+    ("Cars & Vehicles", "cars-vehicles"),
+    ("Weapons & Military", "weapons-military"),
+    ("Nature & Plants", "nature-plants"),
+    ("Food & Drink", "food-drink"),
+    ("Music", "music"),
+)
+_MORE_CATEGORY_WEIGHTS = (30, 22, 15, 10, 8, 6, 4, 3, 1.5, 0.5)
+UNCATEGORISED_SHARE = 0.12
+
 # Every license slug the API documents, weighted like a real catalogue: mostly `by` and Standard.
 _LICENSES = (
     ("by", "CC Attribution"),
@@ -460,7 +476,10 @@ def _make_model(seed: int, namespace: str, index: int, published: datetime, user
     )
     categories = [(shape.title(), shape)]
     if rng.random() < 0.5:
-        categories.append(rng.choice(_EXTRA_CATEGORIES))
+        rng.choice(_EXTRA_CATEGORIES)  # the draw the extra category once took from the main stream
+        categories.append(facet_rng.choices(_MORE_CATEGORIES, _MORE_CATEGORY_WEIGHTS)[0])
+    if facet_rng.random() < UNCATEGORISED_SHARE:
+        categories = []  # as on Sketchfab, many models are in no category at all
     return Model(
         uid=uid,
         shape_class=shape,
