@@ -32,7 +32,7 @@ def similarity_rows(db_url: str) -> list[tuple]:
 
 
 def test_full_recrawl_drops_deleted_models_and_reextracts_changed_thumbnails(make_settings):
-    catalog = Catalog.generate(100, seed=31)
+    catalog = Catalog.generate(64, seed=31)
     with start_server(catalog, listing_cap=CAP) as server:
         settings = make_settings(
             api_base_url=server.api_base_url,
@@ -41,11 +41,11 @@ def test_full_recrawl_drops_deleted_models_and_reextracts_changed_thumbnails(mak
             crawl_recrawl_percent=0,  # only the explicit full re-crawl below revisits old models
         )
         first = stages(settings, crawl.incremental_window(settings.db_url, timedelta(hours=1)), key="first")
-        assert first["crawl"].upserted == 100 and first["crawl"].slices_crawled > 0
-        assert first["load"].loaded == 100
+        assert first["crawl"].upserted == 64 and first["crawl"].slices_crawled > 0
+        assert first["load"].loaded == 64
 
-        gone = [m.uid for m in catalog.models[5:100:20]]  # spread over the catalogue, old ones too
-        changed = [m.uid for m in catalog.models[14:100:20]]
+        gone = [m.uid for m in catalog.models[3:64:13]]  # spread over the catalogue, old ones too
+        changed = [m.uid for m in catalog.models[9:64:13]]
         for uid in gone:
             server.remove(uid)
         for uid in changed:
@@ -64,7 +64,7 @@ def test_full_recrawl_drops_deleted_models_and_reextracts_changed_thumbnails(mak
     assert sorted(
         r[0] for r in query(db, "SELECT uid FROM sketchfab_models WHERE deleted_at IS NOT NULL")
     ) == sorted(gone)
-    assert query(db, "SELECT count(*) FROM sketchfab_models") == [(100,)], "deleted models are kept, marked"
+    assert query(db, "SELECT count(*) FROM sketchfab_models") == [(64,)], "deleted models are kept, marked"
     assert query(db, "SELECT count(*) FROM model_thumbnails WHERE uid = ANY(%s)", (gone,)) == [(0,)]
     assert query(db, "SELECT count(*) FROM model_embeddings WHERE uid = ANY(%s)", (gone,)) == [(0,)]
     assert query(
