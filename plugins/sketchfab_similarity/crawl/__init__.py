@@ -4,7 +4,7 @@
 records into rows (or rejects with a reason), `sketchfab` is the HTTP client. Past the
 API's listing cap, `sliced` goes on through slices (`slices`: what a slice is and how new
 ones are sized; `slicemap`: the slice map and each crawl's passes in Postgres), re-crawls
-a share of them and marks models the API no longer serves as deleted.
+a share of them, and `deletions` marks models the API no longer serves as deleted.
 """
 
 from .crawler import (

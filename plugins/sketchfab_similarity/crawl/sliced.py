@@ -35,6 +35,7 @@ from .crawler import (
     save_checkpoint,
     upsert_models,
 )
+from .deletions import check_missing
 from .records import RejectedRecord, validate_model
 from .sketchfab import LISTING_CAP_SLACK, SketchfabAPIError, SketchfabClient
 from .slices import Slice, density_child, plan_child, scope_key, scope_sql, target_sample
@@ -90,7 +91,7 @@ def continue_crawl(
         if p.status == "pending":
             _page_slice(settings, cp, filters, client, scope, scope_f, p, requests_base)
         else:
-            _check_missing(settings, cp, client, scope_f, p, filters)
+            check_missing(settings, cp, client, scope_f, p, filters)
             cp.stats.requests = requests_base + client.requests_made
     with connect(settings.db_url) as conn, conn.cursor() as cur:
         counts = slicemap.pass_counts(cur, cp.id)
@@ -344,56 +345,3 @@ def _close_status(
     else:
         status = "done"
     return status
-
-
-def _check_missing(
-    settings: Any,
-    cp: Checkpoint,
-    client: SketchfabClient,
-    scope_f: dict[str, Any],
-    p: slicemap.PassRow,
-    filters: CrawlFilters,
-) -> None:
-    """Stored models of a fully paged slice that it did not list: 404 on detail = deleted."""
-    candidates: list[str] = []
-    if filters.min_likes == 0:  # skipped low-like models were not re-seen: they are not missing
-        where, params = scope_sql(scope_f)
-        in_slice, slice_params = p.row.slice.sql()
-        with connect(settings.db_url) as conn, conn.cursor() as cur:
-            cur.execute(
-                f"SELECT uid FROM sketchfab_models WHERE {where} AND {in_slice} "  # noqa: S608
-                "AND last_crawl_id IS DISTINCT FROM %s AND first_seen_at < %s ORDER BY uid",
-                [*params, *slice_params, cp.id, p.started_at],
-            )
-            candidates = [r[0] for r in cur.fetchall()]
-    deleted = kept = 0
-    for uid in candidates:
-        try:
-            gone = client.get_model(uid) is None
-        except SketchfabAPIError as exc:
-            if exc.status in (401, 403):
-                raise
-            log.warning("Could not confirm whether %s is gone (%s); keeping it", uid, exc)
-            gone = False
-        if not gone:
-            kept += 1
-            continue
-        with connect(settings.db_url) as conn, conn.cursor() as cur:
-            cur.execute(
-                "UPDATE sketchfab_models SET deleted_at = now() WHERE uid = %s AND deleted_at IS NULL", (uid,)
-            )
-            cur.execute("DELETE FROM model_thumbnails WHERE uid = %s", (uid,))
-            cur.execute("DELETE FROM model_embeddings WHERE uid = %s", (uid,))
-        deleted += 1
-    with connect(settings.db_url) as conn, conn.cursor() as cur:
-        p.status = "done"
-        p.stats = {**p.stats, "missing_deleted": deleted, "missing_kept": kept}
-        slicemap.save_pass(cur, p)
-        cp.stats.deleted += deleted
-        cp.stats.missing_kept += kept
-        save_checkpoint(cur, cp)
-    if candidates:
-        log.info(
-            "Slice %s: %d stored model(s) not listed; %d gone (404, marked deleted), %d kept",
-            p.row.slice.label(), len(candidates), deleted, kept,
-        )  # fmt: skip
