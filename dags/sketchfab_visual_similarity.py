@@ -93,6 +93,13 @@ PARAMS = {
         title="Force re-extraction",
         description="Recompute every vector, not only new or changed thumbnails.",
     ),
+    "full_recrawl": Param(
+        False,
+        type="boolean",
+        title="Full re-crawl",
+        description="Page the whole catalogue again, slice by slice: models gone from Sketchfab leave "
+        "every list, changed names and thumbnails are updated.",
+    ),
     "full_refresh": Param(
         False,
         type="boolean",
@@ -135,7 +142,8 @@ def sketchfab_visual_similarity():
     def crawl_models() -> dict:
         """Pages the Sketchfab API newest-first and upserts models into `sketchfab_models`;
         records that cannot be accepted go to `crawl_rejects` with the reason. A backfill
-        run takes exactly its data interval, other runs everything since the watermark."""
+        run takes exactly its data interval, other runs everything since the watermark; past the
+        API's listing cap the crawl goes on through slices (see crawl/sliced.py)."""
         return tasks.crawl_models(get_current_context())
 
     @task

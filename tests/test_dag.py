@@ -18,7 +18,9 @@ CONTRACT_TASKS = [
     "load_vectors",
     "refresh_similarity",
 ]
-PARAMS = {"max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh"}
+PARAMS = {
+    "max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh", "full_recrawl",
+}  # fmt: skip
 
 
 def load_dag():
@@ -291,7 +293,10 @@ def test_whole_dag_through_airflow_twice(fresh_db, tmp_path):
         assert mapped_task_count(env, "extract_features") == 2
         before = snapshot(fresh_db)
 
-        devenv.run_dag_once(env, conf=json.dumps({"top_n": None}))
+        # A full re-crawl through the trigger's Param re-reads every model and changes nothing.
+        devenv.run_dag_once(env, conf=json.dumps({"top_n": None, "full_recrawl": True}))
         assert snapshot(fresh_db) == before
         assert devenv.dag_run_states(env) == ["success", "success"]
         assert len(query(fresh_db, "SELECT * FROM pipeline_runs")) == 2
+        (latest,) = query(fresh_db, "SELECT counts FROM pipeline_runs ORDER BY finished_at DESC LIMIT 1")[0]
+        assert latest["crawl_models"]["upserted"] == 30 and latest["crawl_models"]["deleted"] == 0

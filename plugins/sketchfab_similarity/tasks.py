@@ -101,13 +101,16 @@ def start_run(context: dict[str, Any]) -> bool:
 def crawl_window(
     context: dict[str, Any], settings: Settings, filters: crawl.CrawlFilters = crawl.NO_FILTERS
 ) -> crawl.CrawlWindow:
-    """Backfills take exactly their data interval; other runs continue from the watermark."""
+    """Backfills take exactly their data interval; `full_recrawl` runs take everything; other runs
+    continue from the watermark."""
     run_type = getattr(context["dag_run"], "run_type", None)
     if getattr(run_type, "value", run_type) == "backfill":
         start, end = context.get("data_interval_start"), context.get("data_interval_end")
         if start is None or end is None:
             raise ValueError("A backfill run needs a data interval (give the DAG a schedule)")
         return crawl.CrawlWindow(since=start, until=end, incremental=False)
+    if (context.get("params") or {}).get("full_recrawl"):
+        return crawl.CrawlWindow(since=None, incremental=True)
     overlap = timedelta(minutes=settings.crawl_overlap_minutes)
     return crawl.incremental_window(settings.db_url, overlap, filters)
 
@@ -139,8 +142,16 @@ def crawl_models(context: dict[str, Any]) -> dict[str, Any]:
     filters = crawl_filters(context.get("params") or {})
     window = crawl_window(context, settings, filters)
     key = checkpoint_key(context)
-    log.info("crawl %s: window since=%s until=%s, %s", key, window.since, window.until, filters)
-    return asdict(crawl.crawl(settings, window, filters, checkpoint_key=key))
+    full_recrawl = bool((context.get("params") or {}).get("full_recrawl"))
+    log.info(
+        "crawl %s: window since=%s until=%s, %s, full_recrawl=%s",
+        key,
+        window.since,
+        window.until,
+        filters,
+        full_recrawl,
+    )
+    return asdict(crawl.crawl(settings, window, filters, checkpoint_key=key, full_recrawl=full_recrawl))
 
 
 def _shard_plan(stage: str, pending: int, shard_size: int, max_shards: int) -> list[dict[str, int]]:
@@ -215,7 +226,7 @@ SUMMARY_FIELDS = dict(
     zip(
         runs.STAGES,
         (
-            ("pages", "seen", "upserted", "rejected"),
+            ("pages", "seen", "upserted", "rejected", "slices_crawled", "deleted"),
             ("candidates", "fetched", "failed", "stored_new", "failures_by_reason"),
             ("extracted", "failed"),
             ("loaded", "changed", "rejected", "rejects_by_reason"),

@@ -171,6 +171,32 @@ class Settings:
         minimum=1,
         maximum=24,
     )
+    api_listing_cap: int = setting(
+        10_000,
+        "How many results one listing query yields at most before the API stops paging it. Listings "
+        "that reach it are split into slices (face-count ranges, then boolean facets) that each end "
+        "before it; tests set it low to exercise slicing.",
+        read=TASK,
+        minimum=48,
+    )
+    crawl_slice_fill_percent: int = setting(
+        50,
+        "New slices are sized to about this share of the cap (from the models already stored), so "
+        "that estimation errors rarely make one reach the cap, which costs a re-crawl of it as smaller "
+        "slices.",
+        read=INTERNAL,
+        minimum=1,
+        maximum=100,
+    )
+    crawl_recrawl_percent: int = setting(
+        10,
+        "Share of the slice map that each incremental run pages again to its end (least recently "
+        "crawled first), so deleted models and changed thumbnails are noticed within about "
+        "100/percent runs; 0 turns it off. The Param `full_recrawl` does all.",
+        read=TASK,
+        minimum=0,
+        maximum=100,
+    )
     download_workers: int = setting(
         32,
         "Thumbnail requests in flight at once (per task). At 20 ms per request, 16 cap a task near 750 "
@@ -457,6 +483,10 @@ class Settings:
             check_value(f.name, getattr(self, f.name))
         if not self.thumbnail_hosts:
             raise ValueError("similarity_thumbnail_hosts must name at least one host")
+        if self.api_listing_cap < 2 * self.page_size:
+            raise ValueError(
+                f"Variable similarity_api_listing_cap must be >= {2 * self.page_size}, got {self.api_listing_cap}"
+            )
         if self.hnsw_ef_construction < 2 * self.hnsw_m:
             raise ValueError(
                 "HNSW parameters need ef_construction >= 2 * m, got "

@@ -34,6 +34,23 @@ MAX_PAGE_SIZE = 24
 """The API's own maximum `count`."""
 RESET_MARGIN_S = 0.25
 
+# --- What the live API has not confirmed -------------------------------------------------------
+# Checked here against the public documentation and Sketchfab's own clients only. Verify once
+# against api.sketchfab.com; everything the slicing relies on is in this block.
+SLICE_ENDPOINT = "/v3/search"
+"""Where slices (listings with extra filters) are paged. Sketchfab's own plugins page
+`/v3/search?type=models` with `min_face_count`/`max_face_count`; whether `/v3/models` accepts those
+filters is not confirmed. `/v3/models` also works against a server that does (the bundled one)."""
+ENDPOINT_PARAMS = {"/v3/search": {"type": "models"}, "/v3/models": {}}
+"""Fixed query parameters of each listing endpoint."""
+FACE_COUNT_FILTERS = ("min_face_count", "max_face_count")
+"""Inclusive bounds on `faceCount`: the one filter that splits every model into ranges."""
+FACET_FILTERS = ("downloadable", "animated")
+"""Boolean filters that split a single face count further (true + false cover every model)."""
+LISTING_CAP_SLACK = MAX_PAGE_SIZE
+"""The cap is 'about' 10,000: a listing that ends within one page of the cap counts as capped."""
+# -------------------------------------------------------------------------------------------------
+
 
 class SketchfabAPIError(RuntimeError):
     """The API answered, but not with something we can use. The message says what and where."""
@@ -56,6 +73,8 @@ class Page:
 
 class SketchfabClient:
     """Reads model listings. The token is sent as a header only, never logged or stored."""
+
+    slice_endpoint: str = SLICE_ENDPOINT
 
     def __init__(
         self,
@@ -109,6 +128,29 @@ class SketchfabClient:
         params: dict[str, Any] = {"sort_by": sort_by, "count": min(max(count, 1), MAX_PAGE_SIZE)}
         params.update({k: v for k, v in filters.items() if v not in (None, "", [])})
         return f"{self.base_url}/v3/models?{urlencode(params)}"
+
+    def listing_url(
+        self,
+        filters: dict[str, Any],
+        *,
+        endpoint: str | None = None,
+        sort_by: str = "-publishedAt",
+        count: int = MAX_PAGE_SIZE,
+    ) -> str:
+        """First page of a slice: `filters` plus the endpoint's own fixed parameters."""
+        endpoint = endpoint or self.slice_endpoint
+        params: dict[str, Any] = {
+            **ENDPOINT_PARAMS[endpoint], "sort_by": sort_by, "count": min(max(count, 1), MAX_PAGE_SIZE)
+        }  # fmt: skip
+        for name, value in filters.items():
+            if value is None:
+                continue
+            params[name] = ("true" if value else "false") if isinstance(value, bool) else value
+        return f"{self.base_url}{endpoint}?{urlencode(params)}"
+
+    def get_model(self, uid: str) -> Any | None:
+        """`GET /v3/models/{uid}`: the model's JSON, or None when the API answers 404 (gone)."""
+        return self.get_json(f"{self.base_url}/v3/models/{uid}", allow_404=True)
 
     def get_page(self, url: str) -> Page:
         """One listing page; `url` must be on the configured origin, the body a listing envelope."""

@@ -213,7 +213,7 @@ def plan_query(shard: Shard) -> str:
         SELECT m.uid, m.thumbnails, t.source_url, t.status, t.error, t.attempts
         FROM sketchfab_models m
         LEFT JOIN model_thumbnails t ON t.uid = m.uid AND {shard.sql_predicate("t.uid")}
-        WHERE {shard.sql_predicate("m.uid")}
+        WHERE m.deleted_at IS NULL AND {shard.sql_predicate("m.uid")}
         ORDER BY m.published_at DESC, m.uid
     """  # noqa: S608 (the predicate is built from two integers)
 
