@@ -299,7 +299,7 @@ def download_thumbnails(
         skipped=sum(plan.skipped_by_reason.values()),
         skipped_by_reason=dict(plan.skipped_by_reason),
     )
-    store = ArtifactStore(settings.thumbnail_store)
+    store = ArtifactStore.for_settings(settings)
     progress = Progress("download", total=len(plan.tasks), unit="thumbnails", log=log)
     reasons: Counter[str] = Counter()
     batch: list[DownloadResult] = []
