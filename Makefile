@@ -25,9 +25,10 @@ demo: setup
 	$(PY) tools/demo.py $(DEMO_ARGS)
 
 ## Every test (unit and integration: embedded Postgres, loopback HTTP, TensorFlow, Airflow,
-## headless Chromium when installed; REQUIRE_BROWSER=1 makes a missing browser an error).
+## headless Chromium when installed; REQUIRE_BROWSER=1 makes a missing browser an error),
+## except the Celery topology test, which alone takes minutes: `make test-celery` (CI runs both).
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --ignore=tests/test_celery_topology.py
 
 ## Only the docker-compose topology on the CeleryExecutor, as local processes (needs Debian's
 ## redis-server: skipped with a notice without it, an error when CI=true).

@@ -18,6 +18,7 @@ publish makes one Asset event; a second run with nothing new makes none.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -161,6 +162,8 @@ def test_compose_topology_runs_the_dag_on_celery_workers_and_survives_a_dead_gpu
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
+
     meta_url, _ = devenv.create_database(pg_uri, "topology_airflow")
     target_url, _ = devenv.create_database(pg_uri, "topology_similarity")
     reference_url, _ = devenv.create_database(pg_uri, "topology_reference")
@@ -291,21 +294,20 @@ def test_compose_topology_runs_the_dag_on_celery_workers_and_survives_a_dead_gpu
             wait_for("the second run to succeed", RUN_S, lambda: finished(second), logs, every_s=3)
             assert len(asset_events(meta_url)) == 1, "a run with no change made an Asset event"
             assert snapshot(target_url) == before
+            # The thumbnails and feature files are in the bucket, not on a local disk.
+            keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+                    for o in page.get("Contents", [])]  # fmt: skip
+            (stored,) = query(
+                target_url, "SELECT count(DISTINCT stored_path) FROM model_thumbnails WHERE status = 'ok'"
+            )[0]
+            assert sum(1 for k in keys if not k.startswith("thumbnails/features/")) == stored > 0
+            assert any(k.startswith("thumbnails/features/") for k in keys)
         finally:
             for proc in reversed(processes):
                 proc.stop()
             moto.stop()
         leftovers = [p.name for p in processes if _group_exists(p.proc.pid)]
         assert not leftovers, f"processes left running: {leftovers}"
-
-        # The thumbnails and feature files are in the bucket, not on a local disk.
-        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-                for o in page.get("Contents", [])]  # fmt: skip
-        (stored,) = query(
-            target_url, "SELECT count(DISTINCT stored_path) FROM model_thumbnails WHERE status = 'ok'"
-        )[0]
-        assert sum(1 for k in keys if not k.startswith("thumbnails/features/")) == stored > 0
-        assert any(k.startswith("thumbnails/features/") for k in keys)
 
         reference = Settings(
             db_url=reference_url,
