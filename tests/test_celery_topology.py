@@ -18,6 +18,7 @@ publish makes one Asset event; a second run with nothing new makes none.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -302,6 +303,14 @@ def test_compose_topology_runs_the_dag_on_celery_workers_and_survives_a_dead_gpu
             )[0]
             assert sum(1 for k in keys if not k.startswith("thumbnails/features/")) == stored > 0
             assert any(k.startswith("thumbnails/features/") for k in keys)
+
+            # The gallery, served by the api-server, reads a thumbnail back from the bucket.
+            uid, content_hash = query(
+                target_url,
+                "SELECT uid, content_hash FROM model_thumbnails WHERE status = 'ok' ORDER BY uid LIMIT 1",
+            )[0]
+            image = api.http.get(f"{api.base}/similarity-gallery/thumbnails/{uid}", timeout=60)
+            assert image.status_code == 200 and hashlib.sha256(image.content).hexdigest() == content_hash
         finally:
             for proc in reversed(processes):
                 proc.stop()
