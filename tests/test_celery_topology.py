@@ -38,6 +38,7 @@ from compose_topology import (
     command,
     environment,
     healthcheck,
+    sigterm_interrupts,
     startup_order,
     wait_for,
 )
@@ -179,7 +180,7 @@ def test_compose_topology_runs_the_dag_on_celery_workers_and_survives_a_dead_gpu
     catalog = Catalog.generate(MODELS, seed=13)
     processes: list[Process] = []
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
-    with start_server(catalog) as sketchfab:
+    with sigterm_interrupts(), start_server(catalog) as sketchfab:
         try:
             redis = Process(
                 "redis",
