@@ -7,10 +7,14 @@ set -euo pipefail
 owner="${AIRFLOW_UID:-50000}:0"
 # AIRFLOW_INIT_DIRS: the mount points (the default is the compose file's; the Celery topology test
 # passes its local directories).
-for dir in ${AIRFLOW_INIT_DIRS:-/opt/airflow/logs /opt/airflow/thumbnails /opt/airflow/auth /home/airflow/.keras}; do
+dirs="${AIRFLOW_INIT_DIRS:-/opt/airflow/logs /opt/airflow/thumbnails /opt/airflow/auth /home/airflow/.keras}"
+for dir in $dirs; do
     mkdir -p "$dir"
-    chown -R "$owner" "$dir"
 done
 airflow db migrate
 airflow pools set "${AIRFLOW_VAR_SIMILARITY_GPU_POOL:-gpu}" "${SIMILARITY_GPU_SLOTS:-1}" \
     "Feature extraction: one slot per GPU"
+# Last, so files the commands above wrote as root (logs) belong to the airflow user too.
+for dir in $dirs; do
+    chown -R "$owner" "$dir"
+done
