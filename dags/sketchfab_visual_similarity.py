@@ -17,7 +17,8 @@ and manual runs, and `start_run` makes backfill runs wait their turn too.
 **Scale-out.** Downloads and extraction are mapped over uid shards sized by the
 Variables `similarity_download_shard_size` and `similarity_extract_shard_size`;
 extraction runs in the `gpu` pool on the `gpu` queue (`similarity_gpu_pool`,
-`similarity_gpu_queue`). On success the Asset `sketchfab_model_similarity` is updated.
+`similarity_gpu_queue`). Each publish of a changed table updates the Asset
+`sketchfab_model_similarity`.
 
 This file only wires tasks; the work lives in `plugins/sketchfab_similarity/`.
 """
@@ -27,7 +28,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 from sketchfab_similarity import tasks
 from sketchfab_similarity.core.runs import STAGES
 from sketchfab_similarity.core.settings import dag_settings
@@ -40,6 +41,9 @@ SIMILARITY_TABLE = Asset(
     group="sketchfab",
     extra={"connection": "similarity_db", "table": "model_similarity"},
 )
+# refresh_similarity's outlet: through an alias, an event is emitted only by the part that
+# actually published (never by parts that only computed, nor by runs where nothing changed).
+SIMILARITY_PUBLISH = AssetAlias(name="sketchfab_model_similarity_publish", group="sketchfab")
 
 # Sketchfab slugs: lowercase letters and digits, words joined by hyphens (tags also allow underscores).
 CATEGORY_SLUG = r"^[a-z0-9]+(-[a-z0-9]+)*$"
@@ -206,21 +210,21 @@ def sketchfab_visual_similarity():
     # One mapped task per part (AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS, default 1); each computes a
     # share of the top-N lists and the last part to finish publishes model_similarity atomically.
     @task(
-        outlets=[SIMILARITY_TABLE],
+        outlets=[SIMILARITY_PUBLISH],
         map_index_template="{{ part_label }}",
         doc_md="One part of the exact top-N table `model_similarity` (incremental, or full after a "
         "feature-version change or `full_refresh`); the last part to finish publishes it atomically "
-        "and updates the Asset `sketchfab_model_similarity`.",
+        "and, when it published, updates the Asset `sketchfab_model_similarity` with what changed.",
     )
     def refresh_similarity(part: dict) -> dict:
         """Brings the exact top-N table `model_similarity` up to date (incremental or full) and
-        publishes it atomically; then updates the Asset `sketchfab_model_similarity`."""
+        publishes it atomically; a publish updates the Asset `sketchfab_model_similarity`."""
         context = get_current_context()
         context["part_label"] = f"part {part['index'] + 1} of {part['count']}"
         result = tasks.refresh_similarity(context, part)
-        context["outlet_events"][SIMILARITY_TABLE].extra = {
-            k: v for k, v in result.items() if isinstance(v, str | int | float | bool)
-        }
+        change = tasks.published_change(result)
+        if change is not None:
+            context["outlet_events"][SIMILARITY_PUBLISH].add(SIMILARITY_TABLE, extra=change)
         return result
 
     refreshed = refresh_similarity.expand(part=tasks.refresh_parts(SETTINGS))

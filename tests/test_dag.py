@@ -147,7 +147,9 @@ def test_every_task_says_what_it_does():
 def test_refresh_updates_the_similarity_asset():
     dag = load_dag()
     outlets = dag.get_task("refresh_similarity").outlets
-    assert [a.name for a in outlets] == ["sketchfab_model_similarity"]
+    assert [a.name for a in outlets] == ["sketchfab_model_similarity_publish"], (
+        "an alias: events only on publish"
+    )
 
 
 def resolve(conf: dict) -> dict:

@@ -154,3 +154,13 @@ def test_unknown_conf_keys_fail_the_run_with_the_valid_names():
         tasks.check_conf(context)
     tasks.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf={"top_n": 3})})
     tasks.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf=None)})
+
+
+def test_only_a_part_that_published_makes_an_asset_event():
+    published = {"published": True, "mode": "incremental", "models": 40, "rows": 200, "rows_written": 12,
+                 "new": 2, "changed": 1, "removed": 0, "feature_version": "v1", "reason": "new vectors",
+                 "seconds": {"plan": 0.1}}  # fmt: skip
+    change = tasks.published_change(published)
+    assert change == {k: v for k, v in published.items() if k not in ("published", "seconds")}
+    assert tasks.published_change({**published, "published": False}) is None, "a part that only computed"
+    assert tasks.published_change({"mode": "none", "skipped_unchanged": True, "published": False}) is None

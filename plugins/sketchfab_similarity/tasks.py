@@ -220,6 +220,28 @@ def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = No
     return asdict(stats)
 
 
+# What an Asset event says about a publish: the refresh's mode and what changed in the table.
+PUBLISH_EVENT_FIELDS = (
+    "mode",
+    "reason",
+    "feature_version",
+    "models",
+    "rows",
+    "rows_written",
+    "new",
+    "changed",
+    "removed",
+)
+
+
+def published_change(result: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Asset event's extra for a refresh part that published; None when it published nothing
+    (a part that only computed its share, a retry of a published plan, or nothing changed)."""
+    if not result.get("published"):
+        return None
+    return {k: result[k] for k in PUBLISH_EVENT_FIELDS if k in result}
+
+
 # Per stage, the counts worth a line in the run summary, with why items failed (the full results stay
 # in each task's XCom).
 SUMMARY_FIELDS = dict(

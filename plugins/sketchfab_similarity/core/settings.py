@@ -18,6 +18,7 @@ one place and nowhere else.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ DEFAULT_API_BASE_URL = "https://api.sketchfab.com"
 VARIABLE_PREFIX = "similarity_"
 REFRESH_ENGINES = ("auto", "numpy", "keras")
 EXTRACT_ENGINES = ("auto", "keras", "ncnn")
+URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*(@)")
 # VGG16 layers whose output has 512 channels, so the pooled vector fits the vector(512) column.
 ALLOWED_LAYERS = ("block4_conv1", "block4_conv2", "block4_conv3", "block4_pool",
                   "block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")  # fmt: skip
@@ -126,9 +128,17 @@ class Settings:
     )
     thumbnail_store: str = setting(
         None,
-        "Local path or fsspec URL (file://, s3://, ...).",
+        "Local path or fsspec URL (file://, s3://, ...). An object store URL may name an Airflow "
+        "connection as ObjectStoragePath does: `s3://conn_id@bucket/path`.",
         read=TASK,
         factory=default_thumbnail_store,
+    )
+    thumbnail_store_options: dict[str, Any] = setting(
+        None,
+        "fsspec options of the store (credentials, endpoint), built from the connection its URL names.",
+        read=CONNECTION,
+        secret=True,
+        factory=dict,
     )
     thumbnail_hosts: tuple[str, ...] = setting(
         ("media.sketchfab.com",),
@@ -532,11 +542,11 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-# libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).
-_LIBPQ_EXTRAS = {
-    "host", "port", "sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout",
-    "application_name", "options", "target_session_attrs", "keepalives", "keepalives_idle",
-}  # fmt: skip
+# Extras PostgresHook.get_conn() keeps to itself; every other extra is a libpq keyword, passed as is.
+_HOOK_ONLY_EXTRAS = frozenset(
+    {"iam", "redshift", "redshift-serverless", "cursor", "cluster-identifier", "workgroup-name",
+     "aws_conn_id", "sqlalchemy_scheme", "sqlalchemy_query", "azure_conn_id", "enable_log_db_messages"}
+)  # fmt: skip
 
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -568,20 +578,67 @@ def parse_variable(name: str, raw: str) -> Any:
     return raw
 
 
+def db_connect_args(conn: Any) -> dict[str, str]:
+    """libpq keywords of a Postgres connection, exactly as `PostgresHook.get_conn()` builds them.
+
+    Host, login, password, schema and port, then every extra except the hook's own (`iam`,
+    `cursor`, ...) on top: so a socket directory in the host field (`/run/postgresql`), an
+    `options` extra or `sslmode` reach libpq unchanged.
+    """
+    args = {"host": conn.host, "user": conn.login, "password": conn.password, "dbname": conn.schema}
+    args["port"] = conn.port
+    for key, value in (conn.extra_dejson or {}).items():
+        if key not in _HOOK_ONLY_EXTRAS:
+            args[key] = value
+    return {k: str(v) for k, v in args.items() if v is not None and v != ""}
+
+
 def db_url_from_connection(conn: Any) -> str:
-    """SQLAlchemy URL for an Airflow Postgres connection; Unix-socket hosts come as `?host=/path`."""
-    extras = conn.extra_dejson or {}
-    query = {k: str(v) for k, v in extras.items() if k in _LIBPQ_EXTRAS}
-    url = URL.create(
-        "postgresql+psycopg2",
-        username=conn.login or None,
-        password=conn.password or None,
-        host=conn.host or None,
-        port=conn.port or None,
-        database=conn.schema or None,
-        query=query,
-    )
+    """SQLAlchemy URL that hands psycopg2 the same keywords as `db_connect_args`.
+
+    Host and port travel in the query (`?host=/run/postgresql&port=5432`): SQLAlchemy passes
+    query keys to psycopg2 unchanged, while a socket path in the URL's host part would be
+    parsed as the database name."""
+    args = db_connect_args(conn)
+    user, password, dbname = args.pop("user", None), args.pop("password", None), args.pop("dbname", None)
+    url = URL.create("postgresql+psycopg2", username=user, password=password, database=dbname, query=args)
     return url.render_as_string(hide_password=False)
+
+
+def split_store_conn_id(url: str) -> tuple[str, str | None]:
+    """`s3://conn_id@bucket/path` (ObjectStoragePath's convention) -> (`s3://bucket/path`, `conn_id`)."""
+    parts = urlsplit(url)
+    if "://" not in url or parts.scheme in ("", "file", "local") or "@" not in parts.netloc:
+        return url, None
+    conn_id, _, bucket = parts.netloc.rpartition("@")
+    return parts._replace(netloc=bucket).geturl(), conn_id or None
+
+
+def store_options_from_connection(conn: Any) -> dict[str, Any]:
+    """fsspec options from an Airflow connection, as Airflow's object storage builds them.
+
+    `aws` connections: login/password are the access key pair, extras `endpoint_url`
+    (or `service_config.s3.endpoint_url`), `region_name`, `aws_session_token` and
+    `config_kwargs` as the Amazon provider reads them. Other types: the extra
+    `storage_options` is passed to fsspec as is.
+    """
+    extra = dict(conn.extra_dejson or {})
+    if conn.conn_type not in ("aws", "s3"):
+        return dict(extra.get("storage_options") or {})
+    options: dict[str, Any] = {}
+    if conn.login:
+        options["key"] = conn.login
+    if conn.password:
+        options["secret"] = conn.password
+    if extra.get("aws_session_token"):
+        options["token"] = extra["aws_session_token"]
+    endpoint = extra.get("endpoint_url") or extra.get("service_config", {}).get("s3", {}).get("endpoint_url")
+    client = {k: v for k, v in (("endpoint_url", endpoint), ("region_name", extra.get("region_name"))) if v}
+    if client:
+        options["client_kwargs"] = client
+    if extra.get("config_kwargs"):
+        options["config_kwargs"] = dict(extra["config_kwargs"])
+    return options
 
 
 def api_base_url_from_connection(conn: Any) -> str:
@@ -641,7 +698,20 @@ def settings_from_airflow(**overrides: Any) -> Settings:
             f"Airflow connection {DB_CONN_ID!r} is not defined: point it at a Postgres with pgvector, "
             f"e.g. AIRFLOW_CONN_SIMILARITY_DB='postgresql://user:pass@host:5432/db'"
         ) from None
+    if (db_conn.extra_dejson or {}).get("iam"):  # short-lived token, as PostgresHook gets it
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+        db_conn.login, db_conn.password, db_conn.port = PostgresHook(
+            postgres_conn_id=DB_CONN_ID
+        ).get_iam_token(db_conn)
     values["db_url"] = db_url_from_connection(db_conn)
+
+    store, store_conn_id = split_store_conn_id(values.get("thumbnail_store", ""))
+    if store_conn_id:
+        values["thumbnail_store"] = store
+        values["thumbnail_store_options"] = store_options_from_connection(
+            BaseHook.get_connection(store_conn_id)
+        )
 
     try:
         api_conn = BaseHook.get_connection(API_CONN_ID)
@@ -659,7 +729,9 @@ def describe(settings: Settings) -> dict[str, Any]:
     out = {f.name: getattr(settings, f.name) for f in fields(settings)}
     out["api_token"] = "***" if settings.api_token else None
     if settings.db_url:
-        parts = urlsplit(settings.db_url)
-        if parts.password:
-            out["db_url"] = settings.db_url.replace(f":{parts.password}@", ":***@")
+        out["db_url"] = URL_PASSWORD.sub(r"\1***\2", settings.db_url)
+    out["thumbnail_store_options"] = {
+        k: "***" if k in ("secret", "token", "key") else v
+        for k, v in settings.thumbnail_store_options.items()
+    }
     return out

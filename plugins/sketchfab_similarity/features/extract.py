@@ -206,7 +206,7 @@ def extract_features(settings: Settings, force: bool = False, shard: Shard = WHO
         log.warning("Using RANDOM (seeded) VGG16 weights: vectors are for tests and offline demos only")
     extractor, result.device = make_extractor(spec, settings)
     result.engine = extractor.engine.name
-    store = ArtifactStore(settings.thumbnail_store)
+    store = ArtifactStore.for_settings(settings)
     progress = Progress("extract", total=len(pending), unit="images", log=log)
     for start in range(0, len(pending), CHUNK_SIZE):
         chunk = pending[start : start + CHUNK_SIZE]

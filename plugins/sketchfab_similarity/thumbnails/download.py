@@ -36,6 +36,7 @@ from ..core.store import ArtifactStore
 from .fetch import ACCEPT, TRANSIENT, FetchFailed, GuardedResolver, fetch_bytes
 
 log = logging.getLogger(__name__)
+STORE_FAILED = "store write failed"
 
 VALIDATE_THREADS = min(4, os.cpu_count() or 1)
 WRITE_BATCH = 200
@@ -103,7 +104,7 @@ def validate_and_store(
         try:
             stored_new = store.put(key, data)
         except Exception as exc:  # the store itself failed (disk full, S3 down): worth retrying later
-            raise FetchFailed("store write failed", f"{type(exc).__name__}: {exc}", transient=True) from None
+            raise FetchFailed(STORE_FAILED, f"{type(exc).__name__}: {exc}", transient=True) from None
     except FetchFailed as exc:
         return _failed(task, exc), False
     except Exception as exc:  # a bug or an unforeseen library error must not fail the batch
@@ -299,7 +300,7 @@ def download_thumbnails(settings: Settings, shard: Shard = WHOLE) -> DownloadSta
         skipped=sum(plan.skipped_by_reason.values()),
         skipped_by_reason=dict(plan.skipped_by_reason),
     )
-    store = ArtifactStore(settings.thumbnail_store)
+    store = ArtifactStore.for_settings(settings)
     progress = Progress("download", total=len(plan.tasks), unit="thumbnails", log=log)
     reasons: Counter[str] = Counter()
     batch: list[DownloadResult] = []
@@ -324,7 +325,18 @@ def download_thumbnails(settings: Settings, shard: Shard = WHOLE) -> DownloadSta
         f"{stats.fetched} ok ({stats.stored_new} new files), {stats.failed} failed {dict(reasons)}, "
         f"{stats.skipped} skipped {stats.skipped_by_reason}"
     )
+    if stats.failed and not stats.fetched and all(STORE_FAILED in kind for kind in reasons):
+        # Not a bad thumbnail but a broken store (unwritable volume, wrong bucket credentials): the
+        # rows are recorded as transient failures, and the task fails so the run does not end green.
+        raise StoreUnavailable(
+            f"The thumbnail store {settings.thumbnail_store} refused all {stats.failed} writes; "
+            f"see model_thumbnails.error (e.g. permissions of the store's path or its connection)"
+        )
     return stats
+
+
+class StoreUnavailable(RuntimeError):
+    pass
 
 
 def reason_kind(error: str) -> str:

@@ -162,7 +162,7 @@ def incoming_changes(db_url: str, files: list[tuple[list[str], list[str], str]])
 def load_vectors(settings: Settings, keys: list[str]) -> LoadStats:
     """Load the feature files written by extract_features (keys relative to the thumbnail store)."""
     stats = LoadStats()
-    store = ArtifactStore(settings.thumbnail_store)
+    store = ArtifactStore.for_settings(settings)
     clock = time.perf_counter()
     readable = []
     for key in keys:
