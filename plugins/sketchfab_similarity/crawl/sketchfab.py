@@ -16,15 +16,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import requests
 
 from ..core.httpretry import backoff_delay, build_session, redact, short_error
-
-if TYPE_CHECKING:
-    from ..core.settings import Settings
+from ..core.settings import Settings, default_value
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +79,25 @@ class SketchfabClient:
         base_url: str,
         token: str | None = None,
         *,
-        timeout_s: float = 20.0,
+        timeout_s: float = default_value("http_timeout_s"),
         session: requests.Session | None = None,
-        pace_below: int = 3,
-        max_pace_sleep_s: float = 60.0,
-        body_retries: int = 2,
-        backoff_s: float = 0.5,
+        pace_below: int = default_value("api_pace_below"),
+        max_pace_sleep_s: float = default_value("api_max_pace_sleep_s"),
+        body_retries: int = default_value("api_body_retries"),
+        backoff_s: float = default_value("api_backoff_s"),
     ) -> None:
+        """Defaults are the Settings fields' (`from_settings` passes a deployment's values)."""
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"API base URL must be http(s)://host[:port], got {base_url!r}")
         self._origin = (parts.scheme, parts.netloc.lower())
         self.timeout_s = timeout_s
-        self.session = session or build_session()
+        self.session = session or build_session(
+            retries=default_value("api_retries"),
+            backoff_factor=backoff_s,
+            retry_after_cap=default_value("api_retry_after_cap_s"),
+        )
         self.session.headers["Accept"] = "application/json"
         if token:
             self.session.headers["Authorization"] = f"Token {token}"
