@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -148,8 +149,16 @@ def child_main(stage: str, args: dict) -> dict:
             start = time.perf_counter()
             duplicates.top_n_all(x, TOP_N)
             out[str(size)] = time.perf_counter() - start
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = peak_rss_mib()
     return out
+
+
+def peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM; ru_maxrss would include the parent's from before exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def in_child(stage: str, **args) -> dict:
@@ -283,7 +292,7 @@ def run(args) -> dict:
     from sketchfab_similarity.core.featurespec import FeatureSpec
 
     total = args.models
-    r: dict = {"models": total, "new": NEW, "top_n": TOP_N}
+    r: dict = {"models": total, "new": NEW, "top_n": TOP_N, "load_average_before": os.getloadavg()}
     with temp_database() as (db_url, socket_dir):
         settings = settings_for(db_url, top_n=TOP_N)
         version = FeatureSpec.from_settings(settings).version
@@ -305,7 +314,7 @@ def run(args) -> dict:
         with connect(socket_dir) as conn, conn.cursor() as cur:
             cur.execute("TRUNCATE model_embeddings")
         r["load_s"] = load_vectors(db_url, 0, total, version)
-        r["load_parent_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        r["load_parent_rss_mib"] = peak_rss_mib()
         with connect(socket_dir) as conn, conn.cursor() as cur:
             cur.execute("VACUUM ANALYZE model_embeddings")
         log(
@@ -368,6 +377,7 @@ def run(args) -> dict:
         if args.hnsw:
             r["hnsw"] = hnsw_build(settings, socket_dir, args.hnsw_memory)
             log(f"hnsw: {r['hnsw']}")
+    r["load_average_after"] = os.getloadavg()
     return r
 
 
