@@ -23,7 +23,9 @@ A throw-away embedded Postgres gets N models with random unit 512-d vectors, and
   HNSW         CREATE INDEX CONCURRENTLY ... USING hnsw at N (settings printed), vs the load rate
 
 Stages that hold vectors run in child processes so each peak RSS is that stage's own (the
-server's memory is not included). Results go to --out as JSON.
+server's memory is not included). Results go to --out as JSON. One module on purpose, longer
+than most: every stage shares one database built once per run (building 1M models takes minutes),
+and the report and the exponents read the same result layout.
 
     python bench/bench_scale.py --models 100000 --out /tmp/scale-100k.json
     python bench/bench_scale.py --models 1000000 --out /tmp/scale-1m.json
