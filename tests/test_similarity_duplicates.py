@@ -45,9 +45,32 @@ def test_grouped_search_equals_the_plain_one(seed, total, dim, n, tile):
     for x in (clustered(rng, total, dim, 0.4, 3), tied(rng, total, min(dim, 6))):
         groups = duplicates.group_rows(x)
         assert groups.duplicated or total < 100
+        before = x.copy()
         assert_same(duplicates.top_n_all(x, n, tile, groups=groups), topn.top_n_all(x, n, tile))
         rows = rng.choice(total, max(1, total // 3), replace=False)
         assert_same(duplicates.top_n_rows(x, rows, n, tile, groups=groups), topn.top_n_rows(x, rows, n, tile))
+        assert np.array_equal(x.view(np.uint32), before.view(np.uint32)), "the matrix was not put back"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_distinct_rows_are_moved_in_place_and_put_back_bit_for_bit(monkeypatch, seed):
+    monkeypatch.setattr(duplicates, "CHECK_ROWS", 7)  # many chunks, moves across chunk borders
+    rng = np.random.default_rng(seed)
+    x = clustered(rng, 300, 8, 0.5, 6)
+    x[rng.choice(300, 20)] = 0.0  # a cluster of zero rows too
+    before = x.copy()
+    groups = duplicates.group_rows(x)
+    with duplicates.distinct_rows(x, groups) as unique:
+        assert np.shares_memory(unique, x)
+        assert np.array_equal(unique, before[groups.first])
+    assert np.array_equal(x.view(np.uint32), before.view(np.uint32))
+    with pytest.raises(RuntimeError), duplicates.distinct_rows(x, groups):
+        raise RuntimeError("a failing search")
+    assert np.array_equal(x.view(np.uint32), before.view(np.uint32))
+    float64 = before.astype(np.float64)
+    with duplicates.distinct_rows(float64, groups) as unique:  # not float32: a copy, input untouched
+        assert not np.shares_memory(unique, float64)
+        assert np.array_equal(unique, before[groups.first])
 
 
 @pytest.mark.parametrize("total", [1, 2, 3, 21, 22])

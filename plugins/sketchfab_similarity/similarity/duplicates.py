@@ -23,7 +23,8 @@ Equality is of the float32 bits: found through a 64-bit hash, then checked byte 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,11 +110,21 @@ def top_n_all(
     groups = groups or group_rows(matrix)
     if not groups.duplicated:
         return topn.top_n_all(matrix, n, tile, on_rows_done)
-    unique = np.ascontiguousarray(matrix[groups.first], dtype=np.float32)
-    u_idx, u_scores = topn.top_n_all(unique, n, tile)
+    with distinct_rows(matrix, groups) as unique:
+        u_idx, u_scores = topn.top_n_all(unique, n, tile)
+        self_scores = cluster_self_scores(unique, groups)
     rows = np.arange(len(matrix))
     return _expand(
-        matrix, unique, groups, rows, np.arange(len(unique)), u_idx, u_scores, n, tile, on_rows_done
+        matrix,
+        groups,
+        self_scores,
+        rows,
+        np.arange(len(groups.first)),
+        u_idx,
+        u_scores,
+        n,
+        tile,
+        on_rows_done,
     )
 
 
@@ -131,16 +142,57 @@ def top_n_rows(
     groups = groups or group_rows(matrix)
     if not groups.duplicated:
         return search(matrix, query_rows, n, tile, on_rows_done)
-    unique = np.ascontiguousarray(matrix[groups.first], dtype=np.float32)
     query_groups = np.unique(groups.group_of[query_rows])
-    u_idx, u_scores = search(unique, query_groups, n, tile)
-    return _expand(matrix, unique, groups, query_rows, query_groups, u_idx, u_scores, n, tile, on_rows_done)
+    with distinct_rows(matrix, groups) as unique:
+        u_idx, u_scores = search(unique, query_groups, n, tile)
+        self_scores = cluster_self_scores(unique, groups)
+    return _expand(
+        matrix, groups, self_scores, query_rows, query_groups, u_idx, u_scores, n, tile, on_rows_done
+    )
+
+
+@contextmanager
+def distinct_rows(matrix: np.ndarray, groups: Groups) -> Iterator[np.ndarray]:
+    """The distinct vectors (group g's at row g) as `matrix[:len(groups.first)]` for the duration of
+    the block, moved there in place and put back afterwards, so the vectors stay held once.
+
+    Group g's first row is never before row g, so moving rows down in ascending order never
+    overwrites a row still to be moved, and moving them back in descending order never
+    overwrites one still to be put back; duplicates are then copied from their group's first
+    row (they are equal bit for bit). A matrix that is not C-contiguous writable float32 is
+    copied instead.
+    """
+    first, count = groups.first, len(groups.first)
+    if not (matrix.dtype == np.float32 and matrix.flags.c_contiguous and matrix.flags.writeable):
+        yield np.ascontiguousarray(matrix[first], dtype=np.float32)
+        return
+    chunks = [(start, min(start + CHECK_ROWS, count)) for start in range(0, count, CHECK_ROWS)]
+    for start, stop in chunks:
+        matrix[start:stop] = matrix[first[start:stop]]
+    try:
+        yield matrix[:count]
+    finally:
+        for start, stop in reversed(chunks):
+            matrix[first[start:stop]] = matrix[start:stop].copy()
+        copies = np.flatnonzero(first[groups.group_of] != np.arange(len(matrix)))
+        for start in range(0, len(copies), CHECK_ROWS):
+            rows = copies[start : start + CHECK_ROWS]
+            matrix[rows] = matrix[first[groups.group_of[rows]]]
+
+
+def cluster_self_scores(unique: np.ndarray, groups: Groups) -> np.ndarray:
+    """Per group, the score of its vector with itself (what its members score with each other);
+    only groups of two or more rows need it."""
+    out = np.zeros(len(groups.first), np.float32)
+    multi = np.flatnonzero(groups.counts > 1)
+    out[multi] = topn.exact_scores(unique, multi, multi)
+    return out
 
 
 def _expand(
     matrix: np.ndarray,
-    unique: np.ndarray,
     groups: Groups,
+    self_scores: np.ndarray,
     rows: np.ndarray,
     query_groups: np.ndarray,
     u_idx: np.ndarray,
@@ -176,10 +228,9 @@ def _expand(
         local = row_slot[out] - first_slot
         at_list = hard[first_slot : first_slot + EXPAND_GROUPS]
         own = query_groups[at_list]
-        self_scores = topn.exact_scores(unique, own, own)
         # Candidate clusters of each cluster: itself, then its list; each gives its first k + 1 rows.
         cand_groups = np.concatenate([own[:, None], u_idx[at_list]], axis=1)
-        cand_scores = np.concatenate([self_scores[:, None], u_scores[at_list]], axis=1)
+        cand_scores = np.concatenate([self_scores[own][:, None], u_scores[at_list]], axis=1)
         offset = np.arange(k + 1)
         valid = offset < groups.counts[cand_groups][..., None]
         at = np.minimum(groups.starts[cand_groups][..., None] + offset, total - 1)
