@@ -18,7 +18,9 @@ h rank by row, so j is among h's first k + 1 members (i may be one of them). If 
 cluster nor listed, the list was cut and holds k clusters ranking before h (higher score, or the
 same score and a lower first row); their first rows all rank before j, so j is not in the top k.
 
-Equality is of the float32 bits: found through a 64-bit hash, then checked byte for byte.
+Equality is of the float32 bits: found through a 64-bit hash, then checked byte for byte. The
+distinct vectors are moved to the front of the matrix for the search and put back afterwards
+(`distinct_rows`), so the vectors are still held once.
 """
 
 from __future__ import annotations
