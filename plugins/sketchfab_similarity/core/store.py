@@ -13,12 +13,16 @@ import io
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 FEATURE_KEY = re.compile(r"features/[0-9a-f]{16}/[0-9a-f]{32}\.npz")
 """What FeatureBatch.key() produces; keys arriving through XCom must match before they are read."""
@@ -61,11 +65,16 @@ class ArtifactStore:
 
     EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
-    def __init__(self, root: str) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(root)
+    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        """`storage_options` are fsspec's (credentials, endpoint): see `store_options_from_connection`."""
+        self.fs, self.root = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
         self.root = self.root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
         self._made_dirs: set[str] = set()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ArtifactStore:
+        return cls(settings.thumbnail_store, settings.thumbnail_store_options)
 
     @classmethod
     def key_for(cls, content_hash: str, image_format: str = "JPEG") -> str:

@@ -105,7 +105,7 @@ def load_batch(db_url: str, batch: FeatureBatch, stats: LoadStats) -> None:
         # its commit has no vector, so extract_features produces it again on the next run.
         cur.execute("SET LOCAL synchronous_commit = off")
         cur.execute(
-            "CREATE TEMP TABLE staging_embeddings (uid text, embedding vector(512), content_hash text) "
+            f"CREATE TEMP TABLE staging_embeddings (uid text, embedding vector({EMBEDDING_DIM}), content_hash text) "
             "ON COMMIT DROP"
         )
         cur.copy_expert(
@@ -169,7 +169,7 @@ def load_vectors(settings: Settings, keys: list[str], remove_loaded: bool = Fals
     the table, and a rerun extracts again what it needs); a failed load keeps them for its retry.
     """
     stats = LoadStats()
-    store = ArtifactStore(settings.thumbnail_store)
+    store = ArtifactStore.for_settings(settings)
     clock = time.perf_counter()
     readable = []
     for key in keys:
