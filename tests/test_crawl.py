@@ -17,8 +17,8 @@ from fake_sketchfab import Catalog, FaultConfig, start_server
 from fake_sketchfab.catalog import SQL_NAME, UNICODE_NAME
 from helpers import execute, query
 from sketchfab_similarity import crawl
-from sketchfab_similarity.crawl.crawler import CrawlFilters, CrawlWindow
 from sketchfab_similarity.crawl.sketchfab import SketchfabAPIError, SketchfabClient
+from sketchfab_similarity.crawl.state import CrawlFilters, CrawlWindow
 
 pytestmark = pytest.mark.integration
 

@@ -13,15 +13,10 @@ import requests
 from sketchfab_similarity import crawl, tasks
 from sketchfab_similarity.core.httpretry import make_retry
 from sketchfab_similarity.core.settings import Settings, parse_variable
-from sketchfab_similarity.crawl import crawler, sketchfab
-from sketchfab_similarity.crawl.crawler import (
-    Checkpoint,
-    CrawlFilters,
-    CrawlStats,
-    CrawlWindow,
-    classify_page,
-)
+from sketchfab_similarity.crawl import sketchfab, state
+from sketchfab_similarity.crawl.crawler import classify_page
 from sketchfab_similarity.crawl.sketchfab import SketchfabAPIError, SketchfabClient
+from sketchfab_similarity.crawl.state import Checkpoint, CrawlFilters, CrawlStats, CrawlWindow
 from urllib3 import HTTPResponse
 
 BASE = "https://api.sketchfab.com"
@@ -251,7 +246,7 @@ def test_task_edge_backfill_window_params_and_checkpoint_key(monkeypatch):
         asked.append(filters)
         return end
 
-    monkeypatch.setattr(crawler, "read_watermark", watermark)
+    monkeypatch.setattr(state, "read_watermark", watermark)
     filters = tasks.crawl_filters({"tags": "a, b", "min_likes": "5", "max_models": 10, "categories": ""})
     assert filters == CrawlFilters(categories=None, tags=("a", "b"), min_likes=5, max_models=10)
     assert tasks.crawl_window(context("scheduled"), settings, filters) == CrawlWindow(

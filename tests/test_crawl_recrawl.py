@@ -9,7 +9,7 @@ import pytest
 from fake_sketchfab import Catalog, start_server
 from helpers import assert_similarity_is_exact, query
 from sketchfab_similarity import crawl, features, similarity, thumbnails, vectors
-from sketchfab_similarity.crawl.crawler import CrawlWindow
+from sketchfab_similarity.crawl.state import CrawlWindow
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import pytest
 from fake_sketchfab import Catalog, FaultConfig, start_server
 from helpers import query
 from sketchfab_similarity import crawl
-from sketchfab_similarity.crawl.crawler import CrawlWindow
 from sketchfab_similarity.crawl.sketchfab import SketchfabClient
 from sketchfab_similarity.crawl.sliced import SliceRefused
+from sketchfab_similarity.crawl.state import CrawlWindow
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from sketchfab_similarity import crawl, thumbnails
 from sketchfab_similarity.core.images import open_checked, to_rgb
 from sketchfab_similarity.core.sharding import Shard
 from sketchfab_similarity.core.store import ArtifactStore
-from sketchfab_similarity.crawl.crawler import CrawlWindow
+from sketchfab_similarity.crawl.state import CrawlWindow
 from sketchfab_similarity.thumbnails import fetch
 
 pytestmark = pytest.mark.integration

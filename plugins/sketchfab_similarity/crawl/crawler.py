@@ -14,10 +14,9 @@ reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,10 +27,23 @@ from ..core.progress import Progress
 from ..core.settings import Settings
 from .records import ModelRow, judge, storable
 from .sketchfab import SketchfabAPIError, SketchfabClient
+from .state import (
+    NO_FILTERS,
+    Checkpoint,
+    CrawlFilters,
+    CrawlStats,
+    CrawlWindow,
+    advance_watermark,
+    default_run_key,
+    mark_failed,
+    open_checkpoint,
+    read_watermark_in,
+    save_checkpoint,
+    watermark_name,
+)
 
 log = logging.getLogger(__name__)
 
-WATERMARK_KEY = "watermark"
 EXPIRED_CURSOR_STATUSES = (400, 404, 410)
 MAX_LISTING_RESTARTS = 1
 """How often one crawl call restarts the listing after the API refused a stored cursor; an API
@@ -39,73 +51,6 @@ that keeps refusing a later page must fail the crawl, not loop over the first pa
 WATERMARK_SKEW = timedelta(minutes=5)
 """The watermark never passes the crawl's start plus this: a record dated in the future must not
 make the next runs skip real models published before that date."""
-
-
-@dataclass(frozen=True)
-class CrawlWindow:
-    """Publication times [since, until); None means unbounded on that side."""
-
-    since: datetime | None = None
-    until: datetime | None = None
-    incremental: bool = True
-    """Incremental windows advance the stored watermark when the crawl succeeds."""
-
-
-@dataclass(frozen=True)
-class CrawlFilters:
-    categories: str | None = None
-    tags: tuple[str, ...] = ()
-    min_likes: int = 0
-    max_models: int | None = None
-
-    def selection(self) -> dict[str, Any]:
-        """The filters that decide which models belong to the crawled set (max_models only truncates)."""
-        return {"categories": self.categories, "tags": sorted(self.tags), "min_likes": self.min_likes}
-
-    def as_json(self) -> dict[str, Any]:
-        return {**self.selection(), "max_models": self.max_models}
-
-
-NO_FILTERS = CrawlFilters()
-
-
-@dataclass
-class CrawlStats:
-    run_key: str = ""
-    crawl_id: int = 0
-    resumed: bool = False
-    complete: bool = False
-    """True when the crawl reached the start of its window or the end of the listing."""
-    stopped_by: str | None = None
-    """'window' (reached `since`), 'end of listing' or 'max_models'; None while running."""
-    pages: int = 0
-    seen: int = 0
-    upserted: int = 0
-    rejected: int = 0
-    skipped_outside_window: int = 0
-    skipped_min_likes: int = 0
-    duplicates: int = 0
-    cleaned: int = 0
-    """Models kept after cleaning a field (see sketchfab_models.cleaned)."""
-    reject_reasons: dict[str, int] = field(default_factory=dict)
-    window_since: str | None = None
-    window_until: str | None = None
-    watermark: str | None = None
-    requests: int = 0
-    slices_crawled: int = 0
-    """Slices paged after the listing met the API's cap, or re-crawled (see crawl/sliced.py)."""
-    slices_split: int = 0
-    slices_capped: int = 0
-    """Slices that reached the cap with nothing left to split them by (their oldest models may be missing)."""
-    deleted: int = 0
-    """Stored models a fully paged slice lacked and the API answered 404 for: marked deleted."""
-    missing_kept: int = 0
-    """Stored models a fully paged slice lacked but the API still serves (moved to another slice)."""
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CrawlStats:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 UPSERT_MODELS = """
@@ -159,138 +104,6 @@ def record_rejects(cur: Any, rejects: list[tuple[Any, str]], crawl_id: int | Non
     )
 
 
-def watermark_name(filters: CrawlFilters = NO_FILTERS) -> str:
-    """Unfiltered crawls share one watermark; a filtered crawl covers only its subset, so it keeps its own."""
-    selection = filters.selection()
-    if selection == NO_FILTERS.selection():
-        return WATERMARK_KEY
-    return f"{WATERMARK_KEY}:{json.dumps(selection, sort_keys=True)}"
-
-
-def read_watermark(db_url: str, filters: CrawlFilters = NO_FILTERS) -> datetime | None:
-    with connect(db_url) as conn, conn.cursor() as cur:
-        return _read_watermark(cur, watermark_name(filters))
-
-
-def _read_watermark(cur: Any, name: str) -> datetime | None:
-    cur.execute("SELECT value->>'published_at' FROM pipeline_state WHERE name = %s", (name,))
-    row = cur.fetchone()
-    return datetime.fromisoformat(row[0]) if row and row[0] else None
-
-
-def incremental_window(db_url: str, overlap: timedelta, filters: CrawlFilters = NO_FILTERS) -> CrawlWindow:
-    watermark = read_watermark(db_url, filters)
-    return CrawlWindow(since=None if watermark is None else watermark - overlap, incremental=True)
-
-
-def advance_watermark(cur: Any, name: str, newest: datetime) -> None:
-    """Move the watermark forward only (a smaller run never moves it back)."""
-    cur.execute(
-        """
-        INSERT INTO pipeline_state (name, value) VALUES (%s, jsonb_build_object('published_at', %s::text))
-        ON CONFLICT (name) DO UPDATE SET
-            value = CASE WHEN (pipeline_state.value->>'published_at')::timestamptz >= %s::timestamptz
-                         THEN pipeline_state.value ELSE EXCLUDED.value END,
-            updated_at = now()
-        """,
-        (name, newest.isoformat(), newest.isoformat()),
-    )
-
-
-def default_run_key(window: CrawlWindow, filters: CrawlFilters) -> str:
-    """Outside Airflow: the same window and filters give the same key, so calling crawl() again resumes."""
-    spec = {
-        "since": window.since.isoformat() if window.since else None,
-        "until": window.until.isoformat() if window.until else None,
-        "incremental": window.incremental,
-        **filters.as_json(),
-    }
-    return "adhoc:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Checkpoint:
-    """Where a crawl stands; written with every page, in the page's own transaction."""
-
-    id: int
-    run_key: str
-    window: CrawlWindow
-    next_url: str | None
-    stats: CrawlStats
-    newest: datetime | None
-
-    @property
-    def started(self) -> bool:
-        return self.stats.pages > 0
-
-
-def open_checkpoint(db_url: str, run_key: str, window: CrawlWindow, filters: CrawlFilters) -> Checkpoint:
-    """Resume the unfinished crawl under `run_key` (same filters), or start a new one."""
-    wanted = filters.as_json()
-    with connect(db_url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('crawl_runs'), hashtext(%s))", (run_key,))
-        cur.execute(
-            """
-            SELECT id, window_since, window_until, incremental, filters, next_url, newest_published_at, stats
-            FROM crawl_runs WHERE run_key = %s AND status IN ('running', 'failed')
-            """,
-            (run_key,),
-        )
-        row = cur.fetchone()
-        if row is not None and row[4] == wanted:
-            crawl_id, since, until, incremental, _, next_url, newest, stats = row
-            cur.execute(
-                "UPDATE crawl_runs SET status = 'running', attempts = attempts + 1, updated_at = now() "
-                "WHERE id = %s",
-                (crawl_id,),
-            )
-            resumed = CrawlStats.from_json(stats)
-            resumed.resumed = True
-            return Checkpoint(
-                crawl_id, run_key, CrawlWindow(since, until, incremental), next_url, resumed, newest
-            )
-        if row is not None:
-            log.warning("Crawl %s was started with other filters %s; starting over", run_key, row[4])
-            cur.execute("UPDATE crawl_runs SET status = 'superseded' WHERE id = %s", (row[0],))
-        stats = CrawlStats(
-            run_key=run_key,
-            window_since=window.since.isoformat() if window.since else None,
-            window_until=window.until.isoformat() if window.until else None,
-        )
-        cur.execute(
-            """
-            INSERT INTO crawl_runs (run_key, status, window_since, window_until, incremental, filters)
-            VALUES (%s, 'running', %s, %s, %s, %s) RETURNING id
-            """,
-            (run_key, window.since, window.until, window.incremental, Json(wanted)),
-        )
-        stats.crawl_id = cur.fetchone()[0]
-        return Checkpoint(stats.crawl_id, run_key, window, None, stats, None)
-
-
-def save_checkpoint(cur: Any, cp: Checkpoint) -> None:
-    cur.execute(
-        """
-        UPDATE crawl_runs SET next_url = %s, pages = %s, newest_published_at = %s, stats = %s,
-                              updated_at = now()
-        WHERE id = %s
-        """,
-        (cp.next_url, cp.stats.pages, cp.newest, Json(asdict(cp.stats)), cp.id),
-    )
-
-
-def mark_failed(db_url: str, crawl_id: int, error: BaseException) -> None:
-    """Best effort: the error is logged by the caller anyway, and the checkpoint is already saved."""
-    try:
-        with connect(db_url) as conn, conn.cursor() as cur:
-            cur.execute(
-                "UPDATE crawl_runs SET status = 'failed', error = %s, updated_at = now() WHERE id = %s",
-                (f"{type(error).__name__}: {error}"[:2000], crawl_id),
-            )
-    except Exception:
-        log.exception("Could not record the crawl failure (the checkpoint itself is intact)")
-
-
 @dataclass
 class PageOutcome:
     rows: list[ModelRow] = field(default_factory=list)
@@ -341,6 +154,22 @@ def classify_page(
     if out.stop is None and quota_reached():
         out.stop = "max_models"
     return out
+
+
+def store_page(cur: Any, results: list[Any], filters: CrawlFilters, cp: Checkpoint) -> PageOutcome:
+    """One page in the caller's transaction: judge every record (a bad one is a reject, never a
+    failed page), skip models this crawl already took, upsert the rest, record the rejects."""
+    now = datetime.now(UTC)
+    records: list[tuple[Any, ModelRow | str]] = [(raw, judge(raw, now)) for raw in results]
+    uids = [v.uid for _, v in records if isinstance(v, ModelRow)]
+    cur.execute("SELECT uid FROM sketchfab_models WHERE uid = ANY(%s) AND last_crawl_id = %s", (uids, cp.id))
+    already_seen = {r[0] for r in cur.fetchall()}
+    outcome = classify_page(records, already_seen, filters, cp)
+    if outcome.rows:
+        upsert_models(cur, outcome.rows, cp.id)
+    if outcome.rejects:
+        record_rejects(cur, outcome.rejects, cp.id)
+    return outcome
 
 
 def crawl(
@@ -416,21 +245,8 @@ def _crawl_pages(
             log.warning("Stored page no longer valid (%s); restarting the listing from the first page", exc)
             url = first_url
             continue
-        now = datetime.now(UTC)
-        records: list[tuple[Any, ModelRow | str]] = []
-        for raw in page.results:
-            records.append((raw, judge(raw, now)))
-        uids = [v.uid for _, v in records if isinstance(v, ModelRow)]
         with connect(settings.db_url) as conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT uid FROM sketchfab_models WHERE uid = ANY(%s) AND last_crawl_id = %s", (uids, cp.id)
-            )
-            already_seen = {r[0] for r in cur.fetchall()}
-            outcome = classify_page(records, already_seen, filters, cp)
-            if outcome.rows:
-                upsert_models(cur, outcome.rows, cp.id)
-            if outcome.rejects:
-                record_rejects(cur, outcome.rejects, cp.id)
+            outcome = store_page(cur, page.results, filters, cp)
             stats.pages += 1
             stats.upserted += len(outcome.rows)
             stats.requests = requests_before + client.requests_made
@@ -471,7 +287,7 @@ def finish(db_url: str, cp: Checkpoint, filters: CrawlFilters) -> None:
                     ceiling.isoformat(),
                 )
             advance_watermark(cur, name, min(cp.newest, ceiling))
-        watermark = _read_watermark(cur, name)
+        watermark = read_watermark_in(cur, name)
         cp.stats.watermark = watermark.isoformat() if watermark else None
         save_checkpoint(cur, cp)
         cur.execute(

@@ -14,9 +14,9 @@ from typing import Any
 
 from ..core.db import connect
 from . import slicemap
-from .crawler import Checkpoint, CrawlFilters, save_checkpoint
 from .sketchfab import SketchfabAPIError, SketchfabClient
 from .slices import scope_sql
+from .state import Checkpoint, CrawlFilters, save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -18,27 +18,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from ..core.db import connect
 from . import slicemap
-from .crawler import (
-    EXPIRED_CURSOR_STATUSES,
-    Checkpoint,
-    CrawlFilters,
-    CrawlStats,
-    CrawlWindow,
-    ModelRow,
-    classify_page,
-    record_rejects,
-    save_checkpoint,
-    upsert_models,
-)
+from .crawler import EXPIRED_CURSOR_STATUSES, store_page
 from .deletions import check_missing
-from .records import RejectedRecord, validate_model
 from .sketchfab import LISTING_CAP_SLACK, SketchfabAPIError, SketchfabClient
 from .slices import Slice, density_child, plan_child, scope_key, scope_sql, target_sample
+from .state import Checkpoint, CrawlFilters, CrawlStats, CrawlWindow, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -288,25 +276,9 @@ def _page_slice(
             )
             url = first_url
             continue
-        now = datetime.now(UTC)
-        records: list[tuple[Any, ModelRow | str]] = []
-        for raw in page.results:
-            try:
-                records.append((raw, validate_model(raw, now)))
-            except RejectedRecord as exc:
-                records.append((raw, str(exc)))
-        uids = [v.uid for _, v in records if isinstance(v, ModelRow)]
         before = CrawlStats.from_json(asdict(pass_stats))
         with connect(settings.db_url) as conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT uid FROM sketchfab_models WHERE uid = ANY(%s) AND last_crawl_id = %s", (uids, cp.id)
-            )
-            already_seen = {r[0] for r in cur.fetchall()}
-            outcome = classify_page(records, already_seen, page_filters, pcp)
-            if outcome.rows:
-                upsert_models(cur, outcome.rows, cp.id)
-            if outcome.rejects:
-                record_rejects(cur, outcome.rejects, cp.id)
+            outcome = store_page(cur, page.results, page_filters, pcp)
             pass_stats.pages += 1
             pass_stats.upserted += len(outcome.rows)
             p.pages += 1
