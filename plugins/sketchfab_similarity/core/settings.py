@@ -20,6 +20,7 @@ API_CONN_ID = "sketchfab_api"
 DB_CONN_ID = "similarity_db"
 DEFAULT_API_BASE_URL = "https://api.sketchfab.com"
 REFRESH_ENGINES = ("auto", "numpy", "keras")
+HUBNESS_RERANKS = ("none", "csls")
 
 
 def default_thumbnail_store() -> str:
@@ -168,6 +169,21 @@ class Settings:
     before one atomic publish. Part of the DAG's shape, so it is read when the DAG is parsed,
     from the environment variable AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS."""
 
+    # Evaluation (DAG sketchfab_similarity_evaluation, `python -m sketchfab_similarity.evaluation`).
+    evaluation_sample_size: int = 2000
+    """Variable `similarity_evaluation_sample_size`: query models drawn (seeded) for the metrics that
+    cost more than a pass over the published table: precision@k, baselines, re-ranking."""
+    evaluation_seed: int = 0
+    """Variable `similarity_evaluation_seed`: seed of the evaluation sample and the random baseline."""
+    evaluation_duplicate_cosine: float = 0.999
+    """Cosine above which two models count as near-duplicates (identical or re-uploaded thumbnails)."""
+    hubness_rerank: str = "none"
+    """Variable `similarity_hubness_rerank`: `none` (default) or `csls`: the evaluation also computes
+    CSLS re-ranked lists (2 cos(x, y) - r(x) - r(y), r = mean cosine to the csls_k nearest) for its
+    sample and records their metrics beside the published lists'. Published lists are unchanged."""
+    csls_k: int = 10
+    """Variable `similarity_csls_k`: neighbourhood size k of the CSLS radius r (at most similarity_top_n)."""
+
     def __post_init__(self) -> None:
         if self.input_size < 32:
             raise ValueError(f"similarity_input_size must be >= 32 (VGG16's minimum), got {self.input_size}")
@@ -204,6 +220,20 @@ class Settings:
             raise ValueError(
                 f"similarity_refresh_parts must be >= 1 and refresh_tile >= 32, got {self.refresh_parts}, "
                 f"{self.refresh_tile}"
+            )
+
+        if self.evaluation_sample_size < 2 or self.csls_k < 1:
+            raise ValueError(
+                f"similarity_evaluation_sample_size must be >= 2 and similarity_csls_k >= 1, got "
+                f"{self.evaluation_sample_size}, {self.csls_k}"
+            )
+        if self.hubness_rerank not in HUBNESS_RERANKS:
+            raise ValueError(
+                f"similarity_hubness_rerank must be one of {', '.join(HUBNESS_RERANKS)}, got {self.hubness_rerank!r}"
+            )
+        if not 0.0 < self.evaluation_duplicate_cosine <= 1.0:
+            raise ValueError(
+                f"evaluation_duplicate_cosine must be in (0, 1], got {self.evaluation_duplicate_cosine}"
             )
 
     def with_overrides(self, **overrides: Any) -> Settings:
@@ -248,6 +278,10 @@ VARIABLES: dict[str, str] = {
     "similarity_max_download_attempts": "max_download_attempts",
     "similarity_api_retries": "api_retries",
     "similarity_hnsw_ef_search": "hnsw_ef_search",
+    "similarity_evaluation_sample_size": "evaluation_sample_size",
+    "similarity_evaluation_seed": "evaluation_seed",
+    "similarity_hubness_rerank": "hubness_rerank",
+    "similarity_csls_k": "csls_k",
 }
 
 # libpq keywords that may arrive as connection extras (e.g. `?host=/run/postgresql`).
