@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)/tools
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast airflow bench db schema stop-db lint format lock clean
+.PHONY: setup demo test test-fast airflow bench db schema stop-db lint format lock clean evaluate compare-features
 
 setup: $(STAMP)
 
@@ -27,6 +27,17 @@ demo: setup
 ## headless Chromium when installed; REQUIRE_BROWSER=1 makes a missing browser an error).
 test: setup
 	$(PY) -m pytest
+
+## Evaluate the published lists of the embedded database (after `make demo`): one similarity_quality row.
+evaluate: setup
+	$(PY) -m sketchfab_similarity.evaluation --db-url "$$($(PY) tools/devenv.py start-db)" \
+		--thumbnail-store data/demo/thumbnails $(EVALUATE_ARGS)
+
+## Feature choices side by side on the demo's thumbnails (COMPARE_ARGS="--weights imagenet --input-size 224").
+COMPARE_ARGS ?= --weights random --input-size 64
+compare-features: setup
+	$(PY) -m sketchfab_similarity.compare_features --db-url "$$($(PY) tools/devenv.py start-db)" \
+		--thumbnail-store data/demo/thumbnails $(COMPARE_ARGS)
 
 ## Unit tests only (seconds).
 test-fast: setup

@@ -55,6 +55,10 @@ def sql_precision_at_10(db_url: str) -> float:
 
 def test_evaluation_writes_one_row_per_run_with_the_metrics(pipeline):
     catalog, settings = pipeline
+    stored = dict(query(settings.db_url, "SELECT uid, categories FROM sketchfab_models"))
+    assert all(m.shape_class in stored[m.uid] for m in catalog.models), (
+        "the catalogue's shape class is a category"
+    )
     settings = settings.with_overrides(hubness_rerank="csls", csls_k=5)
     quality = evaluation.evaluate(settings, run_id="manual__1")
     rows = query(
