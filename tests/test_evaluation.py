@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from fake_sketchfab import Catalog, FaultConfig, render_thumbnail, start_server
@@ -35,6 +36,14 @@ def pipeline(make_settings):
     vectors.load_vectors(settings, extracted.files)
     similarity.refresh_similarity(settings)
     return catalog, settings
+
+
+def readme_quality_sql() -> list[str]:
+    """The statements of the README's Quality SQL block."""
+    section = (Path(__file__).parents[1] / "README.md").read_text().split("## Quality", 1)[1]
+    block = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    code = "\n".join(line.split("--")[0] for line in block.splitlines())
+    return [statement.strip() for statement in code.split(";") if statement.strip()]
 
 
 def sql_precision_at_10(db_url: str) -> float:
@@ -100,6 +109,9 @@ def test_evaluation_writes_one_row_per_run_with_the_metrics(pipeline):
             assert value is None or 0.0 <= value <= 1.0
     assert stored["methods"]["published"]["precision"]["20"] is None, "k above top_n is not claimed"
     assert quality["methods"]["csls"]["pool"] == 40
+
+    for statement in readme_quality_sql():
+        assert query(settings.db_url, statement), f"no rows from the README example:\n{statement}"
 
     evaluation.evaluate(settings, run_id="manual__1")
     assert query(settings.db_url, "SELECT count(*) FROM similarity_quality") == [(1,)], (
