@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from psycopg2.extras import Json
 
 from ..core.db import connect
 from ..core.images import decode_for_model
-from ..core.pgcopy import read_embeddings
+from ..core.pgcopy import copy_out_rows, read_embeddings
 from ..core.settings import Settings
 from ..core.store import ArtifactStore
 from . import metrics, rerank
@@ -43,6 +43,12 @@ class NothingToEvaluate(RuntimeError):
     """No published lists: the pipeline has not produced anything to measure yet."""
 
 
+LIST_ROW = np.dtype(
+    [("fields", ">i2"), ("ulen", ">i4"), ("uid", "S32"), ("rlen", ">i4"), ("rank", ">i4"),
+     ("slen", ">i4"), ("similar", "S32"), ("flen", ">i4"), ("score", ">f4")]
+)  # fmt: skip
+
+
 @dataclass
 class Published:
     feature_version: str
@@ -52,44 +58,54 @@ class Published:
     lists: np.ndarray
     """(models, N) pool indices of each model's published list, -1 padded (row i is uids[i]'s list)."""
     scores: np.ndarray
-    categories: list[frozenset[str]]
-    tags: list[frozenset[str]]
+    categories: dict[int, frozenset[str]] = field(default_factory=dict)
+    tags: dict[int, frozenset[str]] = field(default_factory=dict)
+    """Labels by pool index, loaded only for the models a metric looks at (`load_labels`)."""
 
 
 def load_published(db_url: str) -> Published:
-    """The published table, the vectors behind it and every model's categories and tags."""
+    """The published table (binary COPY, no per-row Python objects) and the vectors behind it."""
     with connect(db_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT feature_version FROM model_similarity LIMIT 1")
         row = cur.fetchone()
         if row is None:
             raise NothingToEvaluate("model_similarity is empty: run the pipeline first")
         version = row[0]
-        cur.execute(
-            "SELECT uid, rank, similar_uid, score FROM model_similarity WHERE feature_version = %s",
-            (version,),
+        rows = copy_out_rows(
+            cur,
+            cur.mogrify(
+                "COPY (SELECT uid, rank, similar_uid, score FROM model_similarity WHERE feature_version = %s "
+                "AND length(uid) = 32 AND length(similar_uid) = 32) TO STDOUT (FORMAT binary)",
+                (version,),
+            ).decode(),
+            LIST_ROW,
         )
-        rows = cur.fetchall()
-        cur.execute("SELECT uid, categories, tags FROM sketchfab_models")
-        labels = {uid: (frozenset(c or ()), frozenset(t or ())) for uid, c, t in cur.fetchall()}
+    if rows is None:
+        raise ValueError("model_similarity could not be read as fixed-width rows")
     uids, vectors = read_embeddings(db_url, version)
-    index = {str(u): i for i, u in enumerate(uids)}
-    width = max(r[1] for r in rows)
+    keys = uids.astype("S32")
+    width = int(rows["rank"].max())
     lists = np.full((len(uids), width), -1, dtype=np.int64)
     scores = np.full((len(uids), width), np.nan)
-    for uid, rank, similar_uid, score in rows:
-        if uid in index and similar_uid in index:  # a model deleted since the refresh is skipped
-            lists[index[uid], rank - 1] = index[similar_uid]
-            scores[index[uid], rank - 1] = score
-    empty = (frozenset(), frozenset())
-    return Published(
-        feature_version=version,
-        uids=uids,
-        vectors=vectors,
-        lists=lists,
-        scores=scores,
-        categories=[labels.get(str(u), empty)[0] for u in uids],
-        tags=[labels.get(str(u), empty)[1] for u in uids],
-    )
+    at = np.minimum(np.searchsorted(keys, rows["uid"]), len(keys) - 1)
+    to = np.minimum(np.searchsorted(keys, rows["similar"]), len(keys) - 1)
+    known = (keys[at] == rows["uid"]) & (keys[to] == rows["similar"])  # a model deleted since the refresh
+    lists[at[known], rows["rank"][known] - 1] = to[known]
+    scores[at[known], rows["rank"][known] - 1] = rows["score"][known].astype(np.float64)
+    return Published(feature_version=version, uids=uids, vectors=vectors, lists=lists, scores=scores)
+
+
+def load_labels(db_url: str, data: Published, indices: np.ndarray) -> None:
+    """Categories and tags of the given pool indices (those not loaded yet) into `data`."""
+    wanted = sorted(set(np.asarray(indices).ravel().tolist()) - set(data.categories) - {-1})
+    with connect(db_url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT uid, categories, tags FROM sketchfab_models WHERE uid = ANY(%s)",
+            ([str(data.uids[i]) for i in wanted],),
+        )
+        labels = {uid: (frozenset(c or ()), frozenset(t or ())) for uid, c, t in cur.fetchall()}
+    for i in wanted:
+        data.categories[i], data.tags[i] = labels.get(str(data.uids[i]), (frozenset(), frozenset()))
 
 
 def draw_sample(pool_size: int, sample_size: int, seed: int) -> np.ndarray:
@@ -125,15 +141,24 @@ def colour_vectors(
     return np.array(kept, dtype=np.int64), np.array(vectors).reshape(len(kept), -1), failures
 
 
-def method_metrics(
-    queries: np.ndarray, lists: np.ndarray, pool: np.ndarray, data: Published, label: str
-) -> dict[str, Any]:
-    """Precision@k, tags Jaccard@k, coverage and hubness of one list set on the sample's queries.
+class PoolLabels:
+    """Labels of a pool's positions, read through to the published pool's (lazily loaded) labels."""
 
-    `queries` and `lists` index `pool`, which indexes the published pool (so labels line up).
-    """
-    cats = [data.categories[i] for i in pool]
-    tags = [data.tags[i] for i in pool]
+    def __init__(self, labels: dict[int, frozenset[str]], pool: np.ndarray) -> None:
+        self.labels, self.pool = labels, pool
+
+    def __getitem__(self, position: int) -> frozenset[str]:
+        return self.labels[int(self.pool[position])]
+
+
+ListSet = tuple[np.ndarray, np.ndarray, np.ndarray, str]
+"""(queries, lists, pool, label): queries and lists index `pool`, which indexes the published pool."""
+
+
+def method_metrics(list_set: ListSet, data: Published) -> dict[str, Any]:
+    """Precision@k, tags Jaccard@k, coverage and hubness of one list set on the sample's queries."""
+    queries, lists, pool, label = list_set
+    cats, tags = PoolLabels(data.categories, pool), PoolLabels(data.tags, pool)
     counts = metrics.occurrences(lists, len(pool))
     return {
         "label": label,
@@ -145,51 +170,66 @@ def method_metrics(
     }
 
 
-def compute_quality(
-    data: Published, settings: Settings, colour: tuple[np.ndarray, np.ndarray]
-) -> dict[str, Any]:
-    """Every metric, as the JSON stored in `similarity_quality.metrics`. `colour` holds the sample
-    positions that have a colour histogram and those histograms."""
+def duplicate_pairs(data: Published, threshold: float) -> metrics.DuplicatePairs:
+    """Near-duplicate pairs of the whole table; only rows with a score above the threshold are looked at."""
+    rows = np.flatnonzero(np.any(data.scores > threshold, axis=1))
+    valid = [data.lists[r] >= 0 for r in rows]
+    return metrics.near_duplicates(
+        [str(data.uids[r]) for r in rows],
+        [[str(data.uids[j]) for j in data.lists[r][ok]] for r, ok in zip(rows, valid, strict=True)],
+        [data.scores[r][ok].tolist() for r, ok in zip(rows, valid, strict=True)],
+        threshold,
+    )
+
+
+def list_sets(
+    data: Published, settings: Settings, sample: np.ndarray, colour: tuple[np.ndarray, np.ndarray]
+) -> dict[str, ListSet]:
+    """Every method's lists for the sample's queries (see the module docstring)."""
     n, width = data.lists.shape
     everyone = np.arange(n)
-    counts = metrics.occurrences(data.lists, n)
-    duplicates = metrics.near_duplicates(
-        [str(u) for u in data.uids],
-        [[str(data.uids[j]) for j in row if j >= 0] for row in data.lists],
-        [
-            [s for j, s in zip(row, srow, strict=True) if j >= 0]
-            for row, srow in zip(data.lists, data.scores, strict=True)
-        ],
-        settings.evaluation_duplicate_cosine,
-    )
-    sample = draw_sample(n, settings.evaluation_sample_size, settings.evaluation_seed)
-    methods = {
-        "published": method_metrics(sample, data.lists[sample], everyone, data, "published lists"),
-        "random": method_metrics(
-            sample, metrics.random_lists(sample, n, width, settings.evaluation_seed), everyone, data, "random"
+    sets: dict[str, ListSet] = {
+        "published": (sample, data.lists[sample], everyone, "published lists"),
+        "random": (
+            sample,
+            metrics.random_lists(sample, n, width, settings.evaluation_seed),
+            everyone,
+            "random",
         ),
     }
     positions, histograms = colour
     if len(positions) >= 2:
-        colour_pool = sample[positions]
-        lists, _ = metrics.exact_top_k(histograms, histograms, width, query_index=np.arange(len(positions)))
-        methods["colour"] = method_metrics(
-            np.arange(len(positions)), lists, colour_pool, data, "colour histogram (sample pool)"
-        )
-        if len(colour_pool) < n:
-            pool_vectors = data.vectors[colour_pool]
-            lists, _ = metrics.exact_top_k(
-                pool_vectors, pool_vectors, width, query_index=np.arange(len(positions))
-            )
-            methods["embedding_sample"] = method_metrics(
-                np.arange(len(positions)), lists, colour_pool, data, "embedding (sample pool)"
-            )
+        own, pool = np.arange(len(positions)), sample[positions]
+        lists, _ = metrics.exact_top_k(histograms, histograms, width, query_index=own)
+        sets["colour"] = (own, lists, pool, "colour histogram (sample pool)")
+        if len(pool) < n:
+            lists, _ = metrics.exact_top_k(data.vectors[pool], data.vectors[pool], width, query_index=own)
+            sets["embedding_sample"] = (own, lists, pool, "embedding (sample pool)")
     if settings.hubness_rerank == "csls":
         radii = rerank.radii_from_lists(data.scores, settings.csls_k)
         lists, _ = rerank.csls_lists(sample, data.vectors, radii, width)
-        methods["csls"] = method_metrics(
-            sample, lists, everyone, data, f"CSLS re-ranked (k={settings.csls_k})"
-        )
+        sets["csls"] = (sample, lists, everyone, f"CSLS re-ranked (k={settings.csls_k})")
+    return sets
+
+
+def compute_quality(
+    data: Published,
+    settings: Settings,
+    colour: tuple[np.ndarray, np.ndarray],
+    ensure_labels: Callable[[np.ndarray], None] = lambda indices: None,
+) -> dict[str, Any]:
+    """Every metric, as the JSON stored in `similarity_quality.metrics`. `colour` holds the sample
+    positions that have a colour histogram and those histograms; `ensure_labels(indices)` makes the
+    labels of those published-pool indices available in `data` before they are used."""
+    n, width = data.lists.shape
+    counts = metrics.occurrences(data.lists, n)
+    duplicates = duplicate_pairs(data, settings.evaluation_duplicate_cosine)
+    sample = draw_sample(n, settings.evaluation_sample_size, settings.evaluation_seed)
+    sets = list_sets(data, settings, sample, colour)
+    ensure_labels(
+        np.concatenate([np.concatenate([pool[q], pool[ls[ls >= 0]]]) for q, ls, pool, _ in sets.values()])
+    )
+    methods = {name: method_metrics(list_set, data) for name, list_set in sets.items()}
     return {
         "feature_version": data.feature_version,
         "models": int(n),
@@ -276,7 +316,9 @@ def evaluate(settings: Settings, run_id: str) -> dict[str, Any]:
         log.warning(
             "colour baseline: %d thumbnails unreadable, e.g. %s", len(failures), next(iter(failures.items()))
         )
-    quality = compute_quality(data, settings, (positions, histograms))
+    quality = compute_quality(
+        data, settings, (positions, histograms), lambda indices: load_labels(settings.db_url, data, indices)
+    )
     quality["colour_failures"] = {"count": len(failures), "examples": dict(list(failures.items())[:10])}
     quality["seconds"] = round(time.monotonic() - started, 3)
     write_quality(settings.db_url, run_id, quality)

@@ -165,7 +165,7 @@ def exact_top_k(
     query_index: Sequence[int] | None = None,
     column_penalty: np.ndarray | None = None,
     scale: float = 1.0,
-    block: int = 256,
+    block_cells: int = 1 << 24,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best pool items per query by scale * <q, p> - penalty[p], in float64, ties by pool index.
 
@@ -181,6 +181,7 @@ def exact_top_k(
     score_out = np.full((n_q, k), np.nan)
     if width <= 0:
         return idx_out, score_out
+    block = max(1, block_cells // max(n_p, 1))  # a block of scores stays near 128 MB of float64
     for start in range(0, n_q, block):
         scores = scale * (queries[start : start + block] @ pool.T)
         if column_penalty is not None:
