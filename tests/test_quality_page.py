@@ -97,6 +97,8 @@ def test_quality_page_shows_curves_hubs_duplicates_and_history(browser, served):
     line = browser.find("#history-chart polyline[data-series=published]")
     assert len(browser.attribute(line, "points").split()) == 2
     browser.screenshot(ARTIFACTS / "gallery-quality.png")
+    browser.execute("document.getElementById('hubness-chart').scrollIntoView();")
+    browser.screenshot(ARTIFACTS / "gallery-quality-hubs.png")
 
 
 def test_quality_page_before_any_evaluation(make_settings):
