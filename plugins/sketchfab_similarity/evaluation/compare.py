@@ -153,40 +153,50 @@ def compare_features(
     results.append({"name": "baseline: random", "dims": 0, "seconds_per_image": 0.0,
                     **list_metrics(random, None, sample, threshold)})  # fmt: skip
 
-    bases: dict[int, Any] = {}
-    decoded: dict[tuple[int, str], tuple[np.ndarray, float]] = {}
-    feature_maps: dict[tuple[int, str, str], tuple[np.ndarray, float]] = {}
+    # Variants that share an input and a layer share one forward pass; batches are decoded, run and
+    # pooled one at a time, so only the pooled vectors are kept (a 224 px sample of 2,000 fits in memory).
+    groups: dict[tuple[int, str, str], list[Variant]] = {}
     for variant in variants:
         size = int(round(spec.input_size * variant.scale))
+        groups.setdefault((size, variant.resize, variant.layer), []).append(variant)
+    bases: dict[int, Any] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for (size, resize, layer), members in groups.items():
         if size not in bases:
             bases[size] = load_base(replace(spec, input_size=size))
-        if (size, variant.resize) not in decoded:
-            started = time.perf_counter()
-            batch = np.stack([
-                preprocess(decode_for_model(b, size, variant.resize, spec.interpolation, spec.jpeg_decode))
-                for b in sample.images
-            ])  # fmt: skip
-            decoded[size, variant.resize] = batch, time.perf_counter() - started
-        key = (size, variant.resize, variant.layer)
-        if key not in feature_maps:
-            base = bases[size]
-            model = keras.Model(base.input, base.get_layer(variant.layer).output)
-            batch = decoded[size, variant.resize][0]
-            model.predict_on_batch(batch[:BATCH])  # build and warm up outside the timing
-            started = time.perf_counter()
-            maps = np.concatenate(
-                [np.asarray(model.predict_on_batch(batch[i : i + BATCH])) for i in range(0, n, BATCH)]
+        model = keras.Model(bases[size].input, bases[size].get_layer(layer).output)
+
+        def decode(images: Sequence[bytes], size: int = size, resize: str = resize) -> np.ndarray:
+            return np.stack(
+                [
+                    preprocess(decode_for_model(b, size, resize, spec.interpolation, spec.jpeg_decode))
+                    for b in images
+                ]
             )
-            feature_maps[key] = maps, time.perf_counter() - started
-        maps, forward_s = feature_maps[key]
-        started = time.perf_counter()
-        vectors = l2_normalise(pool(maps, variant.pooling))
-        pool_s = time.perf_counter() - started
-        lists, scores = metrics.exact_top_k(vectors, vectors, k, query_index=np.arange(n))
-        seconds = (decoded[size, variant.resize][1] + forward_s + pool_s) / n
-        results.append({"name": variant.name, "dims": vectors.shape[1], "input_size": size, "seconds_per_image": seconds,
-                        **list_metrics(lists, scores, sample, threshold)})  # fmt: skip
-        log.info("%s: %d dims, %.1f ms/image", variant.name, vectors.shape[1], 1000 * seconds)
+
+        model.predict_on_batch(decode(sample.images[:BATCH]))  # build and warm up outside the timing
+        decode_s = forward_s = 0.0
+        pool_s = dict.fromkeys((v.name for v in members), 0.0)
+        pooled: dict[str, list[np.ndarray]] = {v.name: [] for v in members}
+        for start in range(0, n, BATCH):
+            started = time.perf_counter()
+            batch = decode(sample.images[start : start + BATCH])
+            decode_s += time.perf_counter() - started
+            started = time.perf_counter()
+            maps = np.asarray(model.predict_on_batch(batch))
+            forward_s += time.perf_counter() - started
+            for v in members:
+                started = time.perf_counter()
+                pooled[v.name].append(pool(maps, v.pooling))
+                pool_s[v.name] += time.perf_counter() - started
+        for v in members:
+            vectors = l2_normalise(np.concatenate(pooled.pop(v.name)))
+            lists, scores = metrics.exact_top_k(vectors, vectors, k, query_index=np.arange(n))
+            seconds = (decode_s + forward_s + pool_s[v.name]) / n
+            rows[v.name] = {"name": v.name, "dims": vectors.shape[1], "input_size": size, "seconds_per_image": seconds,
+                            **list_metrics(lists, scores, sample, threshold)}  # fmt: skip
+            log.info("%s: %d dims, %.1f ms/image", v.name, vectors.shape[1], 1000 * seconds)
+    results.extend(rows[v.name] for v in variants)
     return results
 
 
