@@ -77,3 +77,19 @@ def test_evaluation_dag_run_through_airflow(make_settings, tmp_path):
         "metrics->'methods'->'published'->'precision'->>'5' FROM similarity_quality",
     )[0]
     assert 0.0 <= float(p1) <= 1.0 and p5 is None
+
+
+@pytest.mark.integration
+def test_nothing_published_skips_the_task_with_the_reason(fresh_db, monkeypatch):
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowSkipException
+    from sketchfab_similarity import tasks
+
+    url = make_url(fresh_db)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SIMILARITY_DB", f"postgresql://{url.username}@/{url.database}?host={url.query['host']}"
+    )
+    with pytest.raises(AirflowSkipException, match="model_similarity is empty"):
+        tasks.evaluate_similarity({"dag_run": SimpleNamespace(run_id="manual__x")})
+    assert query(fresh_db, "SELECT count(*) FROM similarity_quality") == [(0,)]

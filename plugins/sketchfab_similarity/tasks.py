@@ -277,11 +277,17 @@ def evaluate_similarity(context: dict[str, Any]) -> dict[str, Any]:
     """Measure the published lists (DAG sketchfab_similarity_evaluation); one `similarity_quality` row per run.
 
     Returns the headline figures as XCom; the full metrics are in the row. Applies the schema
-    first, so an evaluation deployed before the pipeline's next run finds its table.
+    first, so an evaluation deployed before the pipeline's next run finds its table. With no
+    published lists the task is skipped with the reason.
     """
+    from airflow.sdk.exceptions import AirflowSkipException
+
     settings = settings_from_airflow()
     db.apply_schema(settings.db_url)
-    quality = evaluation.evaluate(settings, run_id=str(context["dag_run"].run_id))
+    try:
+        quality = evaluation.evaluate(settings, run_id=str(context["dag_run"].run_id))
+    except evaluation.NothingToEvaluate as exc:  # a publish of zero lists: skipped (not green), no retries
+        raise AirflowSkipException(str(exc)) from None
     methods = quality["methods"]
     return {
         "feature_version": quality["feature_version"],
