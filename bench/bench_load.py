@@ -116,7 +116,7 @@ def main() -> None:
     with temp_database() as (db_url, socket_dir):
         add_models(socket_dir, uids)
         with connect(socket_dir) as conn, conn.cursor() as cur:
-            cur.execute("DROP INDEX model_embeddings_hnsw_idx")
+            cur.execute("DROP INDEX IF EXISTS model_embeddings_hnsw_idx")
         naive = naive_inserts(socket_dir, uids[: args.naive_sample], matrix[: args.naive_sample])
         reset(socket_dir)
         text = text_copy(socket_dir, uids[: args.text_sample], matrix[: args.text_sample])

@@ -98,7 +98,7 @@ def staged_plan(settings, socket_dir: str, version: str) -> refresh.Plan:
     with connect(socket_dir) as conn, conn.cursor() as cur:
         cur.execute("UPDATE model_embeddings SET feature_version = %s", (version,))
     plan = refresh.make_plan(settings.db_url, version, settings.top_n)
-    lists = refresh.compute_full(plan, WHOLE, settings.refresh_tile, Progress("bench"))
+    lists = refresh.compute_full(plan, WHOLE, settings.refresh_tile, "numpy", Progress("bench"))
     refresh.write_staging(settings.db_url, plan, 0, lists)
     return plan
 
@@ -161,7 +161,7 @@ def main() -> None:
         settings = settings_for(db_url, top_n=20)
         add_models(socket_dir, uids, thumbnails=True)
         with connect(socket_dir) as conn, conn.cursor() as cur:
-            cur.execute("DROP INDEX model_embeddings_hnsw_idx")
+            cur.execute("DROP INDEX IF EXISTS model_embeddings_hnsw_idx")
         for start in range(0, args.models, 4096):
             batch = FeatureBatch(
                 uids[start : start + 4096],

@@ -85,7 +85,9 @@ def main() -> None:
         version = FeatureSpec.from_settings(settings).version
         add_models(socket_dir, uids, thumbnails=True)
         with connect(socket_dir) as conn, conn.cursor() as cur:
-            cur.execute("DROP INDEX model_embeddings_hnsw_idx")  # not used by similar_models once lists exist
+            cur.execute(
+                "DROP INDEX IF EXISTS model_embeddings_hnsw_idx"
+            )  # not used by similar_models once lists exist
         for start in range(0, args.models, 4096):
             chunk = uids[start : start + 4096]
             load_batch(

@@ -143,7 +143,9 @@ def main() -> None:
         uids = model_uids(args.models + args.new)
         add_models(socket_dir, uids)
         with connect(socket_dir) as conn, conn.cursor() as cur:
-            cur.execute("DROP INDEX model_embeddings_hnsw_idx")  # not used here; keeps the loads fast
+            cur.execute(
+                "DROP INDEX IF EXISTS model_embeddings_hnsw_idx"
+            )  # not used here; keeps the loads fast
         load(settings, uids[: args.models], base, version)
         full, full_s = timed(similarity.refresh_similarity, settings)
         assert full.mode == "full" and full.rows == args.models * args.top_n

@@ -17,7 +17,8 @@ and manual runs, and `start_run` makes backfill runs wait their turn too.
 **Scale-out.** Downloads and extraction are mapped over uid shards sized by the
 Variables `similarity_download_shard_size` and `similarity_extract_shard_size`;
 extraction runs in the `gpu` pool on the `gpu` queue (`similarity_gpu_pool`,
-`similarity_gpu_queue`). On success the Asset `sketchfab_model_similarity` is updated.
+`similarity_gpu_queue`). Each publish of a changed table updates the Asset
+`sketchfab_model_similarity`.
 
 This file only wires tasks; the work lives in `plugins/sketchfab_similarity/`.
 """
@@ -27,8 +28,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 from sketchfab_similarity import tasks
+from sketchfab_similarity.core.runs import STAGES
 from sketchfab_similarity.core.settings import dag_settings
 
 DAG_ID = "sketchfab_visual_similarity"
@@ -39,6 +41,9 @@ SIMILARITY_TABLE = Asset(
     group="sketchfab",
     extra={"connection": "similarity_db", "table": "model_similarity"},
 )
+# refresh_similarity's outlet: through an alias, an event is emitted only by the part that
+# actually published (never by parts that only computed, nor by runs where nothing changed).
+SIMILARITY_PUBLISH = AssetAlias(name="sketchfab_model_similarity_publish", group="sketchfab")
 
 # Sketchfab slugs: lowercase letters and digits, words joined by hyphens (tags also allow underscores).
 CATEGORY_SLUG = r"^[a-z0-9]+(-[a-z0-9]+)*$"
@@ -92,6 +97,13 @@ PARAMS = {
         title="Force re-extraction",
         description="Recompute every vector, not only new or changed thumbnails.",
     ),
+    "full_recrawl": Param(
+        False,
+        type="boolean",
+        title="Full re-crawl",
+        description="Page the whole catalogue again, slice by slice: models gone from Sketchfab leave "
+        "every list, changed names and thumbnails are updated.",
+    ),
     "full_refresh": Param(
         False,
         type="boolean",
@@ -134,7 +146,8 @@ def sketchfab_visual_similarity():
     def crawl_models() -> dict:
         """Pages the Sketchfab API newest-first and upserts models into `sketchfab_models`;
         records that cannot be accepted go to `crawl_rejects` with the reason. A backfill
-        run takes exactly its data interval, other runs everything since the watermark."""
+        run takes exactly its data interval, other runs everything since the watermark; past the
+        API's listing cap the crawl goes on through slices (see crawl/sliced.py)."""
         return tasks.crawl_models(get_current_context())
 
     @task
@@ -180,16 +193,8 @@ def sketchfab_visual_similarity():
         crawled: dict, downloaded: list[dict], extracted: list[dict], loaded: dict, refreshed: list[dict]
     ) -> dict:
         """Logs and returns the run's counts, records them in `pipeline_runs`, releases the run lease."""
-        return tasks.summarize_run(
-            get_current_context(),
-            {
-                "crawl_models": crawled,
-                "download_thumbnails": downloaded,
-                "extract_features": extracted,
-                "load_vectors": loaded,
-                "refresh_similarity": refreshed,
-            },
-        )
+        results = (crawled, downloaded, extracted, loaded, refreshed)
+        return tasks.summarize_run(get_current_context(), dict(zip(STAGES, results, strict=True)))
 
     crawled = crawl_models()
     start_run() >> crawled
@@ -205,24 +210,24 @@ def sketchfab_visual_similarity():
     # One mapped task per part (AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS, default 1); each computes a
     # share of the top-N lists and the last part to finish publishes model_similarity atomically.
     @task(
-        outlets=[SIMILARITY_TABLE],
+        outlets=[SIMILARITY_PUBLISH],
         map_index_template="{{ part_label }}",
         doc_md="One part of the exact top-N table `model_similarity` (incremental, or full after a "
         "feature-version change or `full_refresh`); the last part to finish publishes it atomically "
-        "and updates the Asset `sketchfab_model_similarity`.",
+        "and, when it published, updates the Asset `sketchfab_model_similarity` with what changed.",
     )
     def refresh_similarity(part: dict) -> dict:
         """Brings the exact top-N table `model_similarity` up to date (incremental or full) and
-        publishes it atomically; then updates the Asset `sketchfab_model_similarity`."""
+        publishes it atomically; a publish updates the Asset `sketchfab_model_similarity`."""
         context = get_current_context()
         context["part_label"] = f"part {part['index'] + 1} of {part['count']}"
         result = tasks.refresh_similarity(context, part)
-        context["outlet_events"][SIMILARITY_TABLE].extra = {
-            k: v for k, v in result.items() if isinstance(v, str | int | float | bool)
-        }
+        change = tasks.published_change(result)
+        if change is not None:
+            context["outlet_events"][SIMILARITY_PUBLISH].add(SIMILARITY_TABLE, extra=change)
         return result
 
-    refreshed = refresh_similarity.expand(part=tasks.refresh_parts())
+    refreshed = refresh_similarity.expand(part=tasks.refresh_parts(SETTINGS))
     loaded >> refreshed
     # --- end of refresh_similarity -----------------------------------------------------------
 

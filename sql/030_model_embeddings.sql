@@ -8,7 +8,6 @@ CREATE TABLE IF NOT EXISTS model_embeddings (
     extracted_at     timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS model_embeddings_feature_version_idx ON model_embeddings (feature_version);
--- Approximate index for ad-hoc search (similar_models() fallback, "similar to this vector").
--- Vectors are unit length, so cosine distance ranks exactly like inner product.
-CREATE INDEX IF NOT EXISTS model_embeddings_hnsw_idx
-    ON model_embeddings USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64);
+-- The approximate HNSW index for ad-hoc search (model_embeddings_hnsw_idx) is built by
+-- load_vectors (plugins/sketchfab_similarity/vectors/hnsw.py) with the m and ef_construction
+-- from settings, so its parameters live in one place.

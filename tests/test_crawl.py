@@ -129,7 +129,7 @@ def test_filters_categories_tags_min_likes_and_max_models(crawl_settings):
             return stats, set(stored_uids(settings.db_url))
 
         stats, uids = run(CrawlFilters(categories="cube"))
-        assert uids == {m.uid for m in catalog.models if m.shape_class == "cube"} and stats.complete
+        assert uids == {m.uid for m in catalog.models if ("Cube", "cube") in m.categories} and stats.complete
         tags = catalog.models[0].tags[:2]
         _, uids = run(CrawlFilters(tags=tags))
         assert uids == {m.uid for m in catalog.models if set(tags) <= set(m.tags)}
@@ -254,7 +254,7 @@ def test_crawl_killed_mid_way_resumes_after_the_last_committed_page(crawl_settin
         settings = crawl_settings(server)
         script = (
             "import sys; from sketchfab_similarity import crawl; "
-            "from sketchfab_similarity.settings import Settings; "
+            "from sketchfab_similarity.core.settings import Settings; "
             f"s = Settings(db_url={settings.db_url!r}, api_base_url={server.api_base_url!r}); "
             "crawl.crawl(s, crawl.CrawlWindow(), checkpoint_key='killed')"
         )

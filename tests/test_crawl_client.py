@@ -251,9 +251,9 @@ def test_task_edge_backfill_window_params_and_checkpoint_key(monkeypatch):
 
 
 def test_crawl_and_download_settings_are_checked():
-    with pytest.raises(ValueError, match="between 1 and 24"):
+    with pytest.raises(ValueError, match="page_size must be <= 24"):
         Settings(page_size=25)
-    with pytest.raises(ValueError, match="retry counts must be >= 0"):
+    with pytest.raises(ValueError, match="similarity_api_retries must be >= 0"):
         Settings(api_retries=-1)
     assert parse_variable("similarity_thumbnail_private_hosts", "Mirror.Internal, ::1") == (
         "mirror.internal",

@@ -18,7 +18,9 @@ CONTRACT_TASKS = [
     "load_vectors",
     "refresh_similarity",
 ]
-PARAMS = {"max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh"}
+PARAMS = {
+    "max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh", "full_recrawl",
+}  # fmt: skip
 
 
 def load_dag():
@@ -102,13 +104,26 @@ def test_schedule_pools_and_queues_come_from_variables(monkeypatch):
     [
         ("similarity_schedule", "every day", "similarity_schedule 'every day' is not a cron expression"),
         ("similarity_catchup", "sometimes", "must be true or false"),
-        ("similarity_download_shard_size", "0", "must be >= 1"),
+        ("similarity_task_retries", "-1", "similarity_task_retries must be >= 0"),
     ],
 )
 def test_bad_variables_are_import_errors_with_the_reason(monkeypatch, variable, value, message):
     errors = import_errors(monkeypatch, **{variable: value})
     assert errors, "a bad Variable is an import error"  # of every DAG file that reads the Variables
     assert all(message in error for error in errors.values())
+
+
+def test_parsing_reads_only_the_variables_that_shape_the_dag(monkeypatch):
+    """A task-time Variable with a bad value cannot break parsing: the parse never reads it."""
+    assert import_errors(monkeypatch, similarity_download_shard_size="0", similarity_top_n="none") == {}
+
+
+def test_task_ids_are_defined_once():
+    from sketchfab_similarity.core.runs import STAGES
+    from sketchfab_similarity.tasks import SUMMARY_FIELDS
+
+    assert list(STAGES) == CONTRACT_TASKS
+    assert list(SUMMARY_FIELDS) == CONTRACT_TASKS
 
 
 def test_retries_back_off_exponentially_and_tasks_time_out():
@@ -132,7 +147,9 @@ def test_every_task_says_what_it_does():
 def test_refresh_updates_the_similarity_asset():
     dag = load_dag()
     outlets = dag.get_task("refresh_similarity").outlets
-    assert [a.name for a in outlets] == ["sketchfab_model_similarity"]
+    assert [a.name for a in outlets] == ["sketchfab_model_similarity_publish"], (
+        "an alias: events only on publish"
+    )
 
 
 def resolve(conf: dict) -> dict:
@@ -278,7 +295,10 @@ def test_whole_dag_through_airflow_twice(fresh_db, tmp_path):
         assert mapped_task_count(env, "extract_features") == 2
         before = snapshot(fresh_db)
 
-        devenv.run_dag_once(env, conf=json.dumps({"top_n": None}))
+        # A full re-crawl through the trigger's Param re-reads every model and changes nothing.
+        devenv.run_dag_once(env, conf=json.dumps({"top_n": None, "full_recrawl": True}))
         assert snapshot(fresh_db) == before
         assert devenv.dag_run_states(env) == ["success", "success"]
         assert len(query(fresh_db, "SELECT * FROM pipeline_runs")) == 2
+        (latest,) = query(fresh_db, "SELECT counts FROM pipeline_runs ORDER BY finished_at DESC LIMIT 1")[0]
+        assert latest["crawl_models"]["upserted"] == 30 and latest["crawl_models"]["deleted"] == 0

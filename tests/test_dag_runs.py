@@ -148,8 +148,19 @@ def test_run_summary_is_replaced_by_a_rerun(fresh_db):
 def test_unknown_conf_keys_fail_the_run_with_the_valid_names():
     from airflow.sdk.exceptions import AirflowFailException
 
-    context = {"dag_run": SimpleNamespace(conf={"max_model": 5, "top_n": 3})}
+    dag = SimpleNamespace(params={"max_models": None, "top_n": None})
+    context = {"dag": dag, "dag_run": SimpleNamespace(conf={"max_model": 5, "top_n": 3})}
     with pytest.raises(AirflowFailException, match="Unknown parameter\\(s\\) 'max_model'.*max_models"):
         tasks.check_conf(context)
-    tasks.check_conf({"dag_run": SimpleNamespace(conf={"top_n": 3})})
-    tasks.check_conf({"dag_run": SimpleNamespace(conf=None)})
+    tasks.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf={"top_n": 3})})
+    tasks.check_conf({"dag": dag, "dag_run": SimpleNamespace(conf=None)})
+
+
+def test_only_a_part_that_published_makes_an_asset_event():
+    published = {"published": True, "mode": "incremental", "models": 40, "rows": 200, "rows_written": 12,
+                 "new": 2, "changed": 1, "removed": 0, "feature_version": "v1", "reason": "new vectors",
+                 "seconds": {"plan": 0.1}}  # fmt: skip
+    change = tasks.published_change(published)
+    assert change == {k: v for k, v in published.items() if k not in ("published", "seconds")}
+    assert tasks.published_change({**published, "published": False}) is None, "a part that only computed"
+    assert tasks.published_change({"mode": "none", "skipped_unchanged": True, "published": False}) is None

@@ -195,6 +195,19 @@ def test_fsspec_url_store(world, tmp_path):
     assert not (tmp_path / "store").exists(), "nothing written locally"
 
 
+def test_a_store_that_refuses_every_write_fails_the_task_after_recording_why(world, tmp_path):
+    not_a_directory = tmp_path / "store-is-a-file"
+    not_a_directory.write_text("")
+    _, settings = world(Catalog.generate(4, seed=35), thumbnail_store=str(not_a_directory))
+    with pytest.raises(thumbnails.download.StoreUnavailable, match="refused all 4 writes"):
+        thumbnails.download_thumbnails(settings)
+    recorded = rows(settings.db_url)
+    assert len(recorded) == 4
+    assert all(
+        r[0] == "failed" and r[1].startswith("[transient] store write failed") for r in recorded.values()
+    )
+
+
 def test_hosts_outside_the_allow_list_are_never_contacted(world):
     server, settings = world(Catalog.generate(6, seed=35), thumbnail_hosts=("media.sketchfab.com",))
     stats = thumbnails.download_thumbnails(settings)

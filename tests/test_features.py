@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,7 @@ def test_weights_files_in_both_keras_formats_give_the_same_vectors(tmp_path):
 def test_imagenet_without_network_or_cache_fails_with_instructions(tmp_path):
     """Keras' real loader, an empty cache and a proxy that refuses: never random, always a way out."""
     code = (
-        "from sketchfab_similarity.features import FeatureSpec, load_vgg16\n"
+        "from sketchfab_similarity.core.featurespec import FeatureSpec\nfrom sketchfab_similarity.features.vgg16 import load_vgg16\n"
         "load_vgg16(FeatureSpec(weights='imagenet', input_size=32))\n"
     )
     env = {
@@ -231,7 +232,7 @@ def test_mixed_precision_runs_and_leaves_the_global_policy_alone():
 
 
 def crawl_and_download(settings) -> None:
-    crawl.crawl(settings, crawl.incremental_window(settings.db_url, crawl.timedelta(hours=1)))
+    crawl.crawl(settings, crawl.incremental_window(settings.db_url, timedelta(hours=1)))
     thumbnails.download_thumbnails(settings)
 
 

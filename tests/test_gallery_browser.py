@@ -61,10 +61,6 @@ def served(make_settings):
     thread.join(timeout=10)
 
 
-def loaded_images(browser: Chromium) -> list[bool]:
-    return browser.execute("return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0);")
-
-
 def test_search_a_model_and_see_its_look_alikes(browser, served):
     data, base = served
     browser.get(f"{base}/")
@@ -72,7 +68,7 @@ def test_search_a_model_and_see_its_look_alikes(browser, served):
     stats = [browser.text(e) for e in browser.find_all(".stat")]
     (models,) = query(data.settings.db_url, "SELECT count(*) FROM sketchfab_models")[0]
     assert f"{models}\nmodels" in stats
-    assert all(loaded_images(browser)), "every thumbnail on the overview loads"
+    assert all(browser.wait_for_images()), "every thumbnail on the overview loads"
     browser.screenshot(ARTIFACTS / "gallery-overview.png")
 
     target = data.catalog.models[3]
@@ -93,7 +89,7 @@ def test_search_a_model_and_see_its_look_alikes(browser, served):
     assert [browser.attribute(f, "data-uid") for f in figures] == [target.uid] + [u for u, _ in expected]
     scores = [browser.text(e) for e in browser.find_all("figure .score")]
     assert scores == [f"{s:.3f}" for _, s in expected]
-    assert all(loaded_images(browser)), "the query's and every recommendation's thumbnail load"
+    assert all(browser.wait_for_images()), "the query's and every recommendation's thumbnail load"
     links = [browser.attribute(e, "href") for e in browser.find_all("figcaption a")]
     assert links and all(link.startswith("https://sketchfab.com/3d-models/") for link in links)
     browser.screenshot(ARTIFACTS / "gallery-model.png")

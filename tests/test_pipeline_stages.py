@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from fake_sketchfab import Catalog, start_server
 from helpers import assert_similarity_is_exact, query
@@ -13,9 +15,7 @@ TABLES = ["sketchfab_models", "model_thumbnails", "model_embeddings", "model_sim
 
 
 def run_all(settings) -> dict:
-    out = {
-        "crawl": crawl.crawl(settings, crawl.incremental_window(settings.db_url, crawl.timedelta(hours=1)))
-    }
+    out = {"crawl": crawl.crawl(settings, crawl.incremental_window(settings.db_url, timedelta(hours=1)))}
     out["download"] = thumbnails.download_thumbnails(settings)
     out["extract"] = features.extract_features(settings)
     out["load"] = vectors.load_vectors(settings, out["extract"].files)

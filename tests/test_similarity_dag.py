@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import devenv
@@ -33,7 +34,14 @@ def test_refresh_runs_as_three_mapped_parts_and_publishes_once(fresh_db, tmp_pat
         parts = meta.execute(
             "SELECT map_index, state FROM task_instance WHERE task_id = 'refresh_similarity' ORDER BY map_index"
         ).fetchall()
+        events = meta.execute(
+            "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+            "WHERE a.name = 'sketchfab_model_similarity'"
+        ).fetchall()
     assert parts == [(0, "success"), (1, "success"), (2, "success")]
+    assert len(events) == 1, "three parts, one publish, one Asset event"
+    change = json.loads(events[0][0])
+    assert (change["mode"], change["models"], change["rows"], change["new"]) == ("full", 24, 96, 24), change
     assert assert_similarity_is_exact(fresh_db, 4) == 24 * 4
     state = query(
         fresh_db, "SELECT value->>'mode', (value->>'rows')::int FROM pipeline_state WHERE name = 'similarity'"

@@ -13,7 +13,7 @@ from sketchfab_similarity import similarity
 from sketchfab_similarity.core.featurespec import FeatureSpec
 from sketchfab_similarity.core.sharding import Shard
 from sketchfab_similarity.core.store import FeatureBatch
-from sketchfab_similarity.similarity import refresh
+from sketchfab_similarity.similarity import plan as refresh_plan
 from sketchfab_similarity.vectors.load import LoadStats, load_batch
 from sqlalchemy.engine import make_url
 
@@ -73,7 +73,7 @@ def current_uids(db_url: str) -> list[str]:
 @pytest.mark.parametrize(("seed", "n"), [(11, 6), (12, 3), (13, 10)])
 def test_incremental_equals_full_rebuild_over_random_sequences(make_settings, monkeypatch, seed, n):
     # Take the incremental path whenever it is possible, however much it has to recompute.
-    monkeypatch.setattr(refresh, "INCREMENTAL_LIMIT", 1.0)
+    monkeypatch.setattr(refresh_plan, "INCREMENTAL_LIMIT", 1.0)
     rng = np.random.default_rng(seed)
     vectors = Vectors(rng)
     settings = make_settings(top_n=n, refresh_tile=32)
@@ -265,7 +265,7 @@ def test_readers_see_the_old_table_or_the_new_one_never_a_short_list(make_settin
     vectors = Vectors(rng, copies=0.0)
     settings = make_settings(top_n=20)
     # Not needed by these readers, and inserting 6,000 vectors into a live HNSW graph takes a while.
-    execute(settings.db_url, "DROP INDEX model_embeddings_hnsw_idx")
+    execute(settings.db_url, "DROP INDEX IF EXISTS model_embeddings_hnsw_idx")
     stable = random_uids(rng, 3000)
     put_vectors(settings, stable, vectors.make(3000))
     similarity.refresh_similarity(settings)

@@ -12,6 +12,7 @@ from sketchfab_similarity import similarity, vectors
 from sketchfab_similarity.core import pgcopy
 from sketchfab_similarity.core.db import connect
 from sketchfab_similarity.core.featurespec import FeatureSpec
+from sketchfab_similarity.core.settings import Settings, environment_values
 from sketchfab_similarity.core.store import ArtifactStore, FeatureBatch
 from sketchfab_similarity.tasks import refresh_parts
 from sketchfab_similarity.vectors import hnsw
@@ -55,10 +56,15 @@ def test_copy_payload_is_the_same_packed_row_by_row_or_as_one_array():
 
 
 def test_refresh_parts_come_from_the_environment():
-    assert refresh_parts({}) == [{"index": 0, "count": 1}]
-    assert refresh_parts({"AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS": "3"})[2] == {"index": 2, "count": 3}
-    with pytest.raises(ValueError, match="positive integer"):
-        refresh_parts({"AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS": "0"})
+    def parts(environ):
+        return refresh_parts(Settings(**environment_values(environ)))
+
+    assert parts({}) == [{"index": 0, "count": 1}]
+    assert parts({"AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS": "3"})[2] == {"index": 2, "count": 3}
+    with pytest.raises(ValueError, match="similarity_refresh_parts must be >= 1, got 0"):
+        parts({"AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS": "0"})
+    with pytest.raises(ValueError, match="similarity_refresh_parts must be an integer"):
+        parts({"AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS": "two"})
 
 
 @pytest.mark.integration

@@ -131,6 +131,17 @@ class Chromium:
                 raise WebDriverError(f"no element matches {css!r} after {timeout_s} s at {self.current_url}")
             time.sleep(0.1)
 
+    def wait_for_images(self, timeout_s: float = 30) -> list[bool]:
+        """Once every image of the page has finished (loaded or failed): which ones loaded.
+
+        Checking right after the page's text appears raced the image requests still in flight."""
+        deadline = time.monotonic() + timeout_s
+        while not self.execute("return Array.from(document.images).every(i => i.complete);"):
+            if time.monotonic() > deadline:
+                raise WebDriverError(f"images still loading after {timeout_s} s at {self.current_url}")
+            time.sleep(0.1)
+        return self.execute("return Array.from(document.images).map(i => i.naturalWidth > 0);")
+
     def wait_for_url(self, prefix: str, timeout_s: float = 15) -> str:
         """After a click: wait for the navigation itself, so the old page's elements are not mistaken for the new."""
         deadline = time.monotonic() + timeout_s

@@ -8,7 +8,6 @@ nothing about Airflow.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import timedelta
@@ -23,13 +22,6 @@ from .core.settings import Settings, describe, settings_from_airflow
 from .core.sharding import WHOLE, Shard
 
 log = logging.getLogger(__name__)
-
-# The DAG's params; any other key in a run's conf is a typo and fails the run.
-PARAM_NAMES = frozenset(
-    {"max_models", "categories", "tags", "min_likes", "top_n", "force_reextract", "full_refresh"}
-)
-
-REFRESH_PARTS_ENV = "AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS"
 
 
 def settings_for(context: dict[str, Any]) -> Settings:
@@ -58,15 +50,16 @@ def timetable(settings: Settings) -> Any:
 
 
 def check_conf(context: dict[str, Any]) -> None:
-    """Refuse conf keys that are not params (a typo would otherwise be silently ignored)."""
+    """Refuse conf keys that are not the DAG's Params (a typo would otherwise be silently ignored)."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    declared = set(context["dag"].params)
     conf = getattr(context["dag_run"], "conf", None) or {}
-    unknown = sorted(set(conf) - PARAM_NAMES)
+    unknown = sorted(set(conf) - declared)
     if unknown:
         raise AirflowFailException(
             f"Unknown parameter(s) {', '.join(map(repr, unknown))} in the run's conf; "
-            f"valid parameters are {', '.join(sorted(PARAM_NAMES))}"
+            f"valid parameters are {', '.join(sorted(declared))}"
         )
 
 
@@ -108,13 +101,16 @@ def start_run(context: dict[str, Any]) -> bool:
 def crawl_window(
     context: dict[str, Any], settings: Settings, filters: crawl.CrawlFilters = crawl.NO_FILTERS
 ) -> crawl.CrawlWindow:
-    """Backfills take exactly their data interval; other runs continue from the watermark."""
+    """Backfills take exactly their data interval; `full_recrawl` runs take everything; other runs
+    continue from the watermark."""
     run_type = getattr(context["dag_run"], "run_type", None)
     if getattr(run_type, "value", run_type) == "backfill":
         start, end = context.get("data_interval_start"), context.get("data_interval_end")
         if start is None or end is None:
             raise ValueError("A backfill run needs a data interval (give the DAG a schedule)")
         return crawl.CrawlWindow(since=start, until=end, incremental=False)
+    if (context.get("params") or {}).get("full_recrawl"):
+        return crawl.CrawlWindow(since=None, incremental=True)
     overlap = timedelta(minutes=settings.crawl_overlap_minutes)
     return crawl.incremental_window(settings.db_url, overlap, filters)
 
@@ -146,8 +142,16 @@ def crawl_models(context: dict[str, Any]) -> dict[str, Any]:
     filters = crawl_filters(context.get("params") or {})
     window = crawl_window(context, settings, filters)
     key = checkpoint_key(context)
-    log.info("crawl %s: window since=%s until=%s, %s", key, window.since, window.until, filters)
-    return asdict(crawl.crawl(settings, window, filters, checkpoint_key=key))
+    full_recrawl = bool((context.get("params") or {}).get("full_recrawl"))
+    log.info(
+        "crawl %s: window since=%s until=%s, %s, full_recrawl=%s",
+        key,
+        window.since,
+        window.until,
+        filters,
+        full_recrawl,
+    )
+    return asdict(crawl.crawl(settings, window, filters, checkpoint_key=key, full_recrawl=full_recrawl))
 
 
 def _shard_plan(stage: str, pending: int, shard_size: int, max_shards: int) -> list[dict[str, int]]:
@@ -198,18 +202,10 @@ def load_vectors(context: dict[str, Any], extracted: dict[str, Any]) -> dict[str
     return asdict(vectors.load_vectors(settings_for(context), list(extracted.get("files") or [])))
 
 
-def refresh_parts(environ: Mapping[str, str] = os.environ) -> list[dict[str, int]]:
-    """The shards the DAG maps refresh_similarity over, one per parallel task.
-
-    The number of mapped tasks is part of the DAG's shape, so it is read when the DAG file
-    is parsed, from the environment (AIRFLOW_VAR_SIMILARITY_REFRESH_PARTS), not from the
-    metadata database.
-    """
-    raw = environ.get(REFRESH_PARTS_ENV, "").strip()
-    count = int(raw) if raw.isdigit() else Settings().refresh_parts
-    if raw and (not raw.isdigit() or count < 1):
-        raise ValueError(f"{REFRESH_PARTS_ENV} must be a positive integer, got {raw!r}")
-    return [{"index": s.index, "count": s.count} for s in Shard.all(count)]
+def refresh_parts(settings: Settings) -> list[dict[str, int]]:
+    """The shards the DAG maps refresh_similarity over, one per parallel task (`refresh_parts`,
+    an ENV setting: the number of mapped tasks is part of the DAG's shape)."""
+    return [{"index": s.index, "count": s.count} for s in Shard.all(settings.refresh_parts)]
 
 
 def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = None) -> dict[str, Any]:
@@ -224,15 +220,43 @@ def refresh_similarity(context: dict[str, Any], part: dict[str, int] | None = No
     return asdict(stats)
 
 
+# What an Asset event says about a publish: the refresh's mode and what changed in the table.
+PUBLISH_EVENT_FIELDS = (
+    "mode",
+    "reason",
+    "feature_version",
+    "models",
+    "rows",
+    "rows_written",
+    "new",
+    "changed",
+    "removed",
+)
+
+
+def published_change(result: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The Asset event's extra for a refresh part that published; None when it published nothing
+    (a part that only computed its share, a retry of a published plan, or nothing changed)."""
+    if not result.get("published"):
+        return None
+    return {k: result[k] for k in PUBLISH_EVENT_FIELDS if k in result}
+
+
 # Per stage, the counts worth a line in the run summary, with why items failed (the full results stay
 # in each task's XCom).
-SUMMARY_FIELDS = {
-    "crawl_models": ("pages", "seen", "upserted", "rejected"),
-    "download_thumbnails": ("candidates", "fetched", "failed", "stored_new", "failures_by_reason"),
-    "extract_features": ("extracted", "failed"),
-    "load_vectors": ("loaded", "changed", "rejected", "rejects_by_reason"),
-    "refresh_similarity": ("models", "rows"),
-}
+SUMMARY_FIELDS = dict(
+    zip(
+        runs.STAGES,
+        (
+            ("pages", "seen", "upserted", "rejected", "slices_crawled", "deleted"),
+            ("candidates", "fetched", "failed", "stored_new", "failures_by_reason"),
+            ("extracted", "failed"),
+            ("loaded", "changed", "rejected", "rejects_by_reason"),
+            ("models", "rows"),
+        ),
+        strict=True,
+    )
+)
 
 
 def run_counts(results: Mapping[str, Any]) -> tuple[str | None, dict[str, dict[str, Any]]]:

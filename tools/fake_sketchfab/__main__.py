@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-file", type=Path, help="write {api_base_url, media_host, port} JSON here")
     parser.add_argument("--publish-every", type=float, default=0.0, help="publish new models every S seconds")
     parser.add_argument("--publish-count", type=int, default=1, help="models per --publish-every tick")
+    parser.add_argument("--listing-cap", type=int, default=10_000, help="results one query yields at most")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     args = parser.parse_args(argv)
 
@@ -42,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     with start_server(
-        catalog, args.host, args.port, token=args.token, media_host=args.media_host, verbose=args.verbose
+        catalog,
+        args.host,
+        args.port,
+        token=args.token,
+        media_host=args.media_host,
+        verbose=args.verbose,
+        listing_cap=args.listing_cap,
     ) as server:
         print(f"api_base_url={server.api_base_url}", flush=True)
         print(f"media_host={server.media_host}", flush=True)

@@ -77,6 +77,7 @@ class FaultConfig:
     shift_publish: int = 5  # ...this many new models, so later offset pages overlap
     offsite_next_on_page: int = 0  # page K's `next` URL points at another host
     disappearing_uids: frozenset[str] = frozenset()  # listed, but 404 on detail
+    refused_filters: frozenset[str] = frozenset()  # /v3/models answers 400 to these (e.g. min_face_count)
     media_error_rate: float = 0.0  # fraction of thumbnail requests answered 503/500, evenly spaced
     thumbnail_redirect: str = ""  # 302 every thumbnail request without `redirected` in its query to
     # this Location, formatted with {port} and {path} (e.g. "http://127.0.0.2:{port}{path}")
@@ -152,6 +153,7 @@ class Model:
     params_seed: int  # render seed: pose, colour, light, background
     thumbnail_fault: ThumbnailFault | None = None
     disappears: bool = False  # listed, but 404 on detail
+    thumbnail_revision: int = 0  # bumped when the author replaces the thumbnail (new URLs, new picture)
     json_overrides: dict[str, Any] = field(default_factory=dict)  # bad records only
     json_drop: tuple[str, ...] = ()  # bad records only
 
@@ -201,13 +203,36 @@ _EXTRA_CATEGORIES = (
     ("Science & Technology", "science-technology"),
     ("Furniture & Home", "furniture-home"),
 )
+# Categories beyond the shape's own: long-tailed, a few large and many small (18 in all with the shapes').
+_MORE_CATEGORIES = (
+    ("Art & Abstract", "art-abstract"),
+    ("Characters & Creatures", "characters-creatures"),
+    ("Architecture", "architecture"),
+    ("Science & Technology", "science-technology"),
+    ("Furniture & Home", "furniture-home"),
+    ("Cars & Vehicles", "cars-vehicles"),
+    ("Weapons & Military", "weapons-military"),
+    ("Nature & Plants", "nature-plants"),
+    ("Food & Drink", "food-drink"),
+    ("Music", "music"),
+)
+_MORE_CATEGORY_WEIGHTS = (30, 22, 15, 10, 8, 6, 4, 3, 1.5, 0.5)
+UNCATEGORISED_SHARE = 0.12
+
+# Every license slug the API documents, weighted like a real catalogue: mostly `by` and Standard.
 _LICENSES = (
     ("by", "CC Attribution"),
-    ("by-sa", "CC Attribution-ShareAlike"),
-    ("by-nd", "CC Attribution-NoDerivs"),
+    ("st", "Standard"),
     ("by-nc", "CC Attribution-NonCommercial"),
+    ("by-sa", "CC Attribution-ShareAlike"),
+    ("by-nc-sa", "CC Attribution-NonCommercial-ShareAlike"),
+    ("by-nd", "CC Attribution-NoDerivs"),
+    ("by-nc-nd", "CC Attribution-NonCommercial-NoDerivs"),
     ("cc0", "CC0 Public Domain"),
+    ("ed", "Editorial"),
 )
+_LICENSE_WEIGHTS = (45, 25, 10, 5, 5, 3, 3, 3, 1)
+MAX_FACES = 50_000_000
 _BASE_FACES = {
     "cube": 12,
     "sphere": 960,
@@ -350,6 +375,17 @@ class Catalog:
             self.removed_uids.add(uid)
             self.version += 1
 
+    def change_thumbnail(self, uid: str) -> None:
+        """The author replaced the thumbnail: new image uids and URLs, a different picture of the same shape."""
+        model = self.by_uid[uid]
+        model.thumbnail_revision += 1
+        model.params_seed = int(_hex_id(model.params_seed, "revision", model.thumbnail_revision)[:16], 16)
+        model.thumbnails = tuple(
+            Thumbnail(_hex_id(uid, t.width, t.height, model.thumbnail_revision), t.width, t.height, t.size)
+            for t in model.thumbnails
+        )
+        self.version += 1
+
     def is_live(self, uid: str) -> bool:
         return uid in self.by_uid and uid not in self.removed_uids
 
@@ -363,7 +399,8 @@ class Catalog:
                 "width": t.width,
                 "height": t.height,
                 "size": t.size,
-                "url": f"{media_base}/media/models/{model.uid}/thumbnails/{t.width}x{t.height}.jpeg",
+                "url": f"{media_base}/media/models/{model.uid}/thumbnails/{t.width}x{t.height}.jpeg"
+                + (f"?v={model.thumbnail_revision}" if model.thumbnail_revision else ""),
             }
             for t in model.thumbnails
             if model.thumbnail_fault is not ThumbnailFault.NO_THUMBNAILS
@@ -407,6 +444,11 @@ def _make_user(seed: int, k: int) -> User:
     return User(_hex_id(seed, "user", k), f"{first.lower()}_{k}", f"{first} {rng.choice('ABCDEFGHKLMNPRS')}.")
 
 
+def _license(rng: random.Random, facet_rng: random.Random) -> tuple[str, str]:
+    rng.randrange(5)  # the draw the license once took from the main stream
+    return facet_rng.choices(_LICENSES, _LICENSE_WEIGHTS)[0]
+
+
 def _make_model(seed: int, namespace: str, index: int, published: datetime, users: list[User]) -> Model:
     """Model ``index`` of ``namespace``: its shape class comes from a per-block shuffle of all classes."""
     block = random.Random(f"{seed}:{namespace}:block:{index // len(SHAPE_CLASSES)}")
@@ -416,13 +458,17 @@ def _make_model(seed: int, namespace: str, index: int, published: datetime, user
     uid = _hex_id(seed, namespace, index)
     rng = random.Random(f"{seed}:{namespace}:{index}")
     params_seed = int(hashlib.sha256(uid.encode()).hexdigest()[:16], 16)
-    colour = RenderParams.from_seed(shape, params_seed).colour_name
+    colour = RenderParams.colour_name_from_seed(params_seed)
     if rng.random() < 0.75:
         name = f"{colour} {shape} #{rng.randint(1, 9999)}"
     else:
         name = rng.choice(_COLOURLESS_NAMES)
     likes = int(rng.paretovariate(1.3)) - 1
-    faces = _BASE_FACES[shape] * rng.choice((1, 4, 16))
+    # Face counts and licenses come from a stream of their own, so the other fields stay what they were.
+    # Long-tailed, as on Sketchfab: a median of a few thousand faces, a tail into the millions.
+    facet_rng = random.Random(f"{seed}:{namespace}:{index}:facets")
+    rng.randrange(3)  # the draw the face-count multiplier once took, so later draws are unchanged
+    faces = min(MAX_FACES, _BASE_FACES[shape] + int(math.exp(facet_rng.gauss(8.0, 2.0))))
     sizes = list(THUMBNAIL_SIZES)
     rng.shuffle(sizes)
     thumbnails = tuple(
@@ -430,7 +476,10 @@ def _make_model(seed: int, namespace: str, index: int, published: datetime, user
     )
     categories = [(shape.title(), shape)]
     if rng.random() < 0.5:
-        categories.append(rng.choice(_EXTRA_CATEGORIES))
+        rng.choice(_EXTRA_CATEGORIES)  # the draw the extra category once took from the main stream
+        categories.append(facet_rng.choices(_MORE_CATEGORIES, _MORE_CATEGORY_WEIGHTS)[0])
+    if facet_rng.random() < UNCATEGORISED_SHARE:
+        categories = []  # as on Sketchfab, many models are in no category at all
     return Model(
         uid=uid,
         shape_class=shape,
@@ -449,7 +498,7 @@ def _make_model(seed: int, namespace: str, index: int, published: datetime, user
         user=rng.choice(users),
         tags=(shape, *rng.sample(_GENERIC_TAGS, 2), colour.lower()),
         categories=tuple(categories),
-        license=rng.choice(_LICENSES),
+        license=_license(rng, facet_rng),
         thumbnails=thumbnails,
         params_seed=params_seed,
     )

@@ -233,6 +233,14 @@ class RenderParams:
     floor: np.ndarray | None  # floor colour, or None for a plain backdrop
     horizon: float  # 0 (top) .. 1 (bottom) of the frame
 
+    @staticmethod
+    def colour_name_from_seed(params_seed: int) -> str:
+        """The colour name `from_seed` would pick, from the same first two draws, without the rest."""
+        rng = np.random.default_rng([params_seed & 0xFFFFFFFF, params_seed >> 32 & 0xFFFFFFFF, 0x5F3D])
+        if rng.random() < 0.85:
+            return _HUES[rng.integers(len(_HUES))][0]
+        return _GREYS[rng.integers(len(_GREYS))][0]
+
     @classmethod
     def from_seed(cls, shape: str, params_seed: int) -> RenderParams:
         rng = np.random.default_rng([params_seed & 0xFFFFFFFF, params_seed >> 32 & 0xFFFFFFFF, 0x5F3D])

@@ -32,7 +32,8 @@ from .render import encode_jpeg, render_thumbnail
 __all__ = ["RunningServer", "Stats", "start_server"]
 
 PAGE_SIZE = 24
-LISTING_CAP = 10_000  # like search listings: nothing past this offset
+LISTING_CAP = 10_000  # per query (filters + sort), like the real listings: nothing past this offset
+LISTING_CACHE = 256  # filtered listings kept per server (one per query being paged)
 OFFSITE_API = "http://evil.example.invalid"
 UNLIMITED_RATE = 10_000  # advertised in X-RateLimit-Limit when no limit is enforced
 THUMB_CACHE_BYTES = 64 * 1024 * 1024
@@ -153,8 +154,12 @@ def _parse_bool(value: str) -> bool:
 class _State:
     """Everything the request handlers share; ``lock`` guards the catalog and fault counters."""
 
-    def __init__(self, catalog: Catalog, faults: FaultConfig, token: str | None, verbose: bool) -> None:
+    def __init__(
+        self, catalog: Catalog, faults: FaultConfig, token: str | None, verbose: bool, listing_cap: int
+    ) -> None:
         self.catalog = catalog
+        self.listing_cap = listing_cap
+        self._listings: OrderedDict[tuple[Any, ...], list[Model]] = OrderedDict()
         self.token = token
         self.verbose = verbose
         self.lock = threading.Lock()
@@ -190,6 +195,21 @@ class _State:
             cached = self._sorted[sort_by] = (version, entries)
         return cached[1]
 
+    def filtered_listing(self, sort_by: str, filters: tuple[tuple[str, str], ...]) -> list[Model]:
+        """One query's matches (before the cap), cached per catalog version: a crawl pages each
+        query many times, and a scan of 200,000 models per page would dominate. Caller holds ``lock``."""
+        key = (self.catalog.version, sort_by, filters)
+        entries = self._listings.get(key)
+        if entries is None:
+            match = _filter(dict(filters))
+            entries = [m for m in self.sorted_listing(sort_by) if match(m)]
+            self._listings[key] = entries
+            while len(self._listings) > LISTING_CACHE:
+                self._listings.popitem(last=False)
+        else:
+            self._listings.move_to_end(key)
+        return entries
+
 
 class _Response:
     def __init__(
@@ -224,8 +244,8 @@ class _Handler(BaseHTTPRequestHandler):
         if st.faults.latency_ms > 0:
             time.sleep(st.faults.latency_ms / 1000)
         url = urlsplit(self.path)
-        if url.path in ("/v3/models", "/v3/models/"):
-            route, response = "list", self._api(lambda: self._list(url.query))
+        if url.path in ("/v3/models", "/v3/models/", "/v3/search", "/v3/search/"):
+            route, response = "list", self._api(lambda: self._list(url.query, url.path))
         elif match := _DETAIL_RE.fullmatch(url.path):
             route, response = "detail", self._api(lambda: self._detail(match["uid"]))
         elif match := _THUMB_RE.fullmatch(url.path):
@@ -287,17 +307,31 @@ class _Handler(BaseHTTPRequestHandler):
         response.headers.update(headers)
         return response
 
-    def _list(self, query: str) -> _Response:
+    def _list(self, query: str, path: str) -> _Response:
+        """`/v3/models` (opaque cursors) or `/v3/search?type=models` (numeric offsets), same envelope."""
         st = self.state
+        search = path.startswith("/v3/search")
         params = parse_qsl(query, keep_blank_values=True)
         args = dict(params)
         sort_by = args.get("sort_by", "-publishedAt")
         if sort_by.lstrip("-") not in _SORT_KEYS:
             return _json(400, {"detail": f"Invalid sort_by: {sort_by!r}."})
+        if search and args.get("type") != "models":
+            return _json(400, {"detail": "type must be models."})
+        refused = sorted(k for k in args if k in st.faults.refused_filters and not search)
+        if refused:
+            return _json(400, {"detail": f"Unknown filter(s) for this endpoint: {', '.join(refused)}."})
+        filters = tuple(sorted((k, v) for k, v in args.items() if k in _FILTERS))
         try:
             count = min(max(int(args.get("count", PAGE_SIZE)), 1), PAGE_SIZE)
-            offset, page = _decode_cursor(args["cursor"]) if args.get("cursor") else (0, 1)
-            match = _filter(args)
+            if search:
+                offset = int(args.get("cursor") or 0)
+                page = offset // count + 1
+            else:
+                offset, page = _decode_cursor(args["cursor"]) if args.get("cursor") else (0, 1)
+            if offset < 0:
+                raise ValueError(offset)
+            _filter(args)
         except (ValueError, KeyError, TypeError, binascii.Error, json.JSONDecodeError):
             return _json(400, {"detail": "Invalid query parameters."})
         with st.lock:
@@ -307,7 +341,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return _json(503, {"detail": "Service temporarily unavailable."})
             if faults.html_200_every and st.list_count % faults.html_200_every == 0:
                 return _Response(200, _PROXY_PAGE, "text/html; charset=utf-8")
-            entries = [m for m in st.sorted_listing(sort_by) if match(m)][:LISTING_CAP]
+            entries = st.filtered_listing(sort_by, filters)[: st.listing_cap]
             results = [
                 Catalog.model_json(m, st.api_base_url, st.media_base_url) for m in entries[offset:][:count]
             ]
@@ -317,10 +351,13 @@ class _Handler(BaseHTTPRequestHandler):
 
         def page_url(cursor: str, host: str = st.api_base_url) -> str:
             kept = [(k, v) for k, v in params if k != "cursor"] + [("cursor", cursor)]
-            return f"{host}/v3/models?{urlencode(kept)}"
+            return f"{host}{path}?{urlencode(kept)}"
 
-        next_cursor = _encode_cursor(offset + count, page + 1) if offset + count < len(entries) else None
-        prev_cursor = _encode_cursor(max(offset - count, 0), page - 1) if offset > 0 and page > 1 else None
+        def cursor_at(at: int, at_page: int) -> str:
+            return str(at) if search else _encode_cursor(at, at_page)
+
+        next_cursor = cursor_at(offset + count, page + 1) if offset + count < len(entries) else None
+        prev_cursor = cursor_at(max(offset - count, 0), page - 1) if offset > 0 and page > 1 else None
         next_host = OFFSITE_API if page == faults.offsite_next_on_page else st.api_base_url
         return _json(
             200,
@@ -384,7 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is ThumbnailFault.REDIRECT_OFFSITE:
             location = f"http://127.0.0.2:{st.port}{self.path}"
             return _Response(302, b"", "text/plain", {"Location": location})
-        key = (uid, width, height)
+        key = (f"{uid}:{model.params_seed}", width, height)
         body = st.thumbs.get(key)
         if body is None:
             body = encode_jpeg(render_thumbnail(model.shape_class, model.params_seed, width, height))
@@ -414,7 +451,22 @@ def _filter(args: dict[str, str]) -> Callable[[Model], bool]:
         checks.append(lambda m: (m.animation_count > 0) == animated)
     if license_slug := args.get("license"):
         checks.append(lambda m: m.license[0] == license_slug)
+    if user := args.get("user"):
+        checks.append(lambda m: m.user.uid == user)
+    if "min_face_count" in args:
+        low = int(args["min_face_count"])
+        checks.append(lambda m: m.face_count >= low)
+    if "max_face_count" in args:
+        high = int(args["max_face_count"])
+        checks.append(lambda m: m.face_count <= high)
     return lambda m: all(check(m) for check in checks)
+
+
+# Query parameters that select models (everything else is paging, sorting or the endpoint's `type`).
+_FILTERS = frozenset(
+    {"categories", "tags", "q", "staffpicked", "downloadable", "animated", "license", "user",
+     "min_face_count", "max_face_count"}
+)  # fmt: skip
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -475,6 +527,11 @@ class RunningServer:
         with self._state.lock:
             self.catalog.remove(uid)
 
+    def change_thumbnail(self, uid: str) -> None:
+        """Replace ``uid``'s thumbnail: new URLs in the API, a different picture behind them."""
+        with self._state.lock:
+            self.catalog.change_thumbnail(uid)
+
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
@@ -498,14 +555,16 @@ def start_server(
     token: str | None = None,
     media_host: str = "localhost",
     verbose: bool = False,
+    listing_cap: int = LISTING_CAP,
 ) -> RunningServer:
     """Serve ``catalog`` from a daemon thread; ``port=0`` picks a free port.
 
     ``faults`` defaults to the config the catalog was generated with. With ``token``
     set, a request carrying a different ``Authorization`` header gets 401;
-    requests without one stay anonymous.
+    requests without one stay anonymous. ``listing_cap`` is how many results one query
+    (filters + sort) yields at most, as on the real API.
     """
-    state = _State(catalog, faults or catalog.faults, token, verbose)
+    state = _State(catalog, faults or catalog.faults, token, verbose, listing_cap)
     handler = type("Handler", (_Handler,), {"state": state})
     httpd = _HTTPServer((host, port), handler)
     state.port = httpd.server_address[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import version as package_version
@@ -16,21 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import INTERPOLATIONS, JPEG_DECODES, RESIZE_MODES, effective_jpeg_decode
-from .settings import Settings
+from .images import effective_jpeg_decode
+from .settings import Settings, check_value, default_value
 
 EMBEDDING_DIM = 512
-
-
-# Layers whose output has 512 channels, so the pooled vector fits the vector(512) column.
-ALLOWED_LAYERS = ("block4_conv1", "block4_conv2", "block4_conv3", "block4_pool",
-                  "block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")  # fmt: skip
-
-
-POOLINGS = ("avg", "max")
-
-
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+SPEC_SETTINGS = {
+    "weights": "vgg16_weights", "input_size": "input_size", "layer": "feature_layer",
+    "pooling": "feature_pooling", "resize": "resize_mode", "interpolation": "resize_interpolation",
+    "jpeg_decode": "jpeg_decode", "precision": "extract_precision", "seed": "random_seed",
+}  # fmt: skip
+"""FeatureSpec attribute -> the Settings field it comes from (defaults and checks are the field's)."""
 
 
 # keras.applications.vgg16.preprocess_input ("caffe" mode): RGB -> BGR, minus the ImageNet mean.
@@ -44,50 +38,29 @@ class WeightsUnavailable(RuntimeError):
     """The configured weights cannot be loaded. We never fall back to random weights."""
 
 
-def check_choice(variable: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"Variable {variable} must be one of {', '.join(allowed)}; got {value!r}")
-
-
 @dataclass(frozen=True)
 class FeatureSpec:
     """Everything that changes the vectors; its fingerprint is the feature version."""
 
-    weights: str = "imagenet"
-    input_size: int = 224
-    layer: str = "block5_pool"
-    pooling: str = "avg"
-    resize: str = "squash"
-    interpolation: str = "bilinear"
-    jpeg_decode: str = "reduced"
-    precision: str = "float32"
-    seed: int = 0
+    weights: str = default_value("vgg16_weights")
+    input_size: int = default_value("input_size")
+    layer: str = default_value("feature_layer")
+    pooling: str = default_value("feature_pooling")
+    resize: str = default_value("resize_mode")
+    interpolation: str = default_value("resize_interpolation")
+    jpeg_decode: str = default_value("jpeg_decode")
+    precision: str = default_value("extract_precision")
+    seed: int = default_value("random_seed")
 
     def __post_init__(self) -> None:
-        check_choice("similarity_feature_layer", self.layer, ALLOWED_LAYERS)
-        check_choice("similarity_feature_pooling", self.pooling, POOLINGS)
-        check_choice("similarity_resize_mode", self.resize, RESIZE_MODES)
-        check_choice("similarity_resize_interpolation", self.interpolation, tuple(INTERPOLATIONS))
-        check_choice("similarity_jpeg_decode", self.jpeg_decode, JPEG_DECODES)
-        check_choice("similarity_extract_precision", self.precision, PRECISIONS)
-        if self.input_size < 32:
-            raise ValueError(f"similarity_input_size must be >= 32 (VGG16's minimum), got {self.input_size}")
+        for attr, setting_name in SPEC_SETTINGS.items():
+            check_value(setting_name, getattr(self, attr))
         # The version must describe the pixels actually decoded.
         object.__setattr__(self, "jpeg_decode", effective_jpeg_decode(self.interpolation, self.jpeg_decode))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FeatureSpec:
-        return cls(
-            weights=settings.vgg16_weights,
-            input_size=settings.input_size,
-            layer=settings.feature_layer,
-            pooling=settings.feature_pooling,
-            resize=settings.resize_mode,
-            interpolation=settings.resize_interpolation,
-            jpeg_decode=settings.jpeg_decode,
-            precision=settings.extract_precision,
-            seed=settings.random_seed,
-        )
+        return cls(**{attr: getattr(settings, name) for attr, name in SPEC_SETTINGS.items()})
 
     @property
     def version(self) -> str:

@@ -108,9 +108,9 @@ def make_retry(
 
 def build_session(
     *,
-    retries: int = 6,
-    backoff_factor: float = 0.5,
-    retry_after_cap: float = 120.0,
+    retries: int,
+    backoff_factor: float,
+    retry_after_cap: float,
     pool_size: int = 16,
     statuses: frozenset[int] = RETRY_STATUSES,
 ) -> requests.Session:

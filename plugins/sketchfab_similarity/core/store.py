@@ -12,11 +12,16 @@ import hashlib
 import io
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 
 class ArtifactStore:
@@ -28,11 +33,16 @@ class ArtifactStore:
 
     EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
-    def __init__(self, root: str) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(root)
+    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        """`storage_options` are fsspec's (credentials, endpoint): see `store_options_from_connection`."""
+        self.fs, self.root = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
         self.root = self.root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
         self._made_dirs: set[str] = set()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ArtifactStore:
+        return cls(settings.thumbnail_store, settings.thumbnail_store_options)
 
     @classmethod
     def key_for(cls, content_hash: str, image_format: str = "JPEG") -> str:

@@ -32,7 +32,6 @@ from .sketchfab import SketchfabAPIError, SketchfabClient
 log = logging.getLogger(__name__)
 
 MAX_REJECT_BYTES = 1_000_000
-API_LISTING_CAP = 10_000
 WATERMARK_KEY = "watermark"
 EXPIRED_CURSOR_STATUSES = (400, 404, 410)
 
@@ -86,6 +85,15 @@ class CrawlStats:
     window_until: str | None = None
     watermark: str | None = None
     requests: int = 0
+    slices_crawled: int = 0
+    """Slices paged after the listing met the API's cap, or re-crawled (see crawl/sliced.py)."""
+    slices_split: int = 0
+    slices_capped: int = 0
+    """Slices that reached the cap with nothing left to split them by (their oldest models may be missing)."""
+    deleted: int = 0
+    """Stored models a fully paged slice lacked and the API answered 404 for: marked deleted."""
+    missing_kept: int = 0
+    """Stored models a fully paged slice lacked but the API still serves (moved to another slice)."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CrawlStats:
@@ -110,7 +118,8 @@ ON CONFLICT (uid) DO UPDATE SET
     thumbnails = EXCLUDED.thumbnails,
     raw = EXCLUDED.raw,
     last_crawl_id = EXCLUDED.last_crawl_id,
-    last_seen_at = now()
+    last_seen_at = now(),
+    deleted_at = NULL
 """
 
 
@@ -338,6 +347,7 @@ def crawl(
     filters: CrawlFilters = NO_FILTERS,
     client: SketchfabClient | None = None,
     checkpoint_key: str | None = None,
+    full_recrawl: bool = False,
 ) -> CrawlStats:
     """Upsert every model published inside `window` (newest first), page by page, resumably.
 
@@ -345,6 +355,10 @@ def crawl(
     key that did not finish is resumed after its last committed page, with the window
     it started with. Raises SketchfabAPIError with a clear message when the API keeps
     failing after retries; the checkpoint is kept, so the next call resumes.
+
+    When the listing meets the API's cap (`settings.api_listing_cap`) before the window's start,
+    the rest of the window is crawled through slices; incremental runs also re-crawl a share of
+    the slices (all with `full_recrawl`) and mark models the API no longer serves as deleted.
     """
     client = client or SketchfabClient.from_settings(settings)
     run_key = checkpoint_key or default_run_key(window, filters)
@@ -354,14 +368,20 @@ def crawl(
             "Resuming crawl %s after %d pages (%d models so far)", run_key, cp.stats.pages, cp.stats.upserted
         )
     try:
-        _crawl_pages(settings, cp, filters, client)
+        _crawl_pages(settings, cp, filters, client, full_recrawl)
     except BaseException as exc:
         mark_failed(settings.db_url, cp.id, exc)
         raise
     return cp.stats
 
 
-def _crawl_pages(settings: Settings, cp: Checkpoint, filters: CrawlFilters, client: SketchfabClient) -> None:
+def _crawl_pages(
+    settings: Settings,
+    cp: Checkpoint,
+    filters: CrawlFilters,
+    client: SketchfabClient,
+    full_recrawl: bool = False,
+) -> None:
     stats = cp.stats
     first_url = client.models_url(
         count=settings.page_size,
@@ -413,17 +433,15 @@ def _crawl_pages(settings: Settings, cp: Checkpoint, filters: CrawlFilters, clie
         progress.advance(len(outcome.rows))
         url = cp.next_url
 
-    if stats.stopped_by == "end of listing" and stats.seen >= API_LISTING_CAP:
-        log.warning(
-            "The listing ended after %d records: the API caps listings near %d, so older models in the "
-            "window may be missing; crawl more often or use narrower filters",
-            stats.seen,
-            API_LISTING_CAP,
-        )
+    from .sliced import continue_crawl  # after the listing: slices, re-crawls, deletions
+
+    continue_crawl(settings, cp, filters, client, full_recrawl)
     finish(settings.db_url, cp, filters)
     progress.finish(
         f"{stats.upserted} models upserted, {stats.rejected} rejected {stats.reject_reasons}, "
         f"{stats.duplicates} duplicates, {stats.pages} pages, {stats.requests} requests, "
+        f"{stats.slices_crawled} slices ({stats.slices_split} split, {stats.slices_capped} capped), "
+        f"{stats.deleted} deleted, "
         f"watermark {stats.watermark}" + ("" if stats.complete else " (not advanced: stopped at max_models)")
     )
 

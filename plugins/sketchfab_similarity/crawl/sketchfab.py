@@ -16,15 +16,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import requests
 
 from ..core.httpretry import backoff_delay, build_session, redact, short_error
-
-if TYPE_CHECKING:
-    from ..core.settings import Settings
+from ..core.settings import Settings, default_value
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +31,23 @@ MAX_PAGE_BYTES = 32 * 1024 * 1024
 MAX_PAGE_SIZE = 24
 """The API's own maximum `count`."""
 RESET_MARGIN_S = 0.25
+
+# --- What the live API has not confirmed -------------------------------------------------------
+# Checked here against the public documentation and Sketchfab's own clients only. Verify once
+# against api.sketchfab.com; everything the slicing relies on is in this block.
+SLICE_ENDPOINT = "/v3/search"
+"""Where slices (listings with extra filters) are paged. Sketchfab's own plugins page
+`/v3/search?type=models` with `min_face_count`/`max_face_count`; whether `/v3/models` accepts those
+filters is not confirmed. `/v3/models` also works against a server that does (the bundled one)."""
+ENDPOINT_PARAMS = {"/v3/search": {"type": "models"}, "/v3/models": {}}
+"""Fixed query parameters of each listing endpoint."""
+FACE_COUNT_FILTERS = ("min_face_count", "max_face_count")
+"""Inclusive bounds on `faceCount`: the one filter that splits every model into ranges."""
+FACET_FILTERS = ("downloadable", "animated")
+"""Boolean filters that split a single face count further (true + false cover every model)."""
+LISTING_CAP_SLACK = MAX_PAGE_SIZE
+"""The cap is 'about' 10,000: a listing that ends within one page of the cap counts as capped."""
+# -------------------------------------------------------------------------------------------------
 
 
 class SketchfabAPIError(RuntimeError):
@@ -57,25 +72,32 @@ class Page:
 class SketchfabClient:
     """Reads model listings. The token is sent as a header only, never logged or stored."""
 
+    slice_endpoint: str = SLICE_ENDPOINT
+
     def __init__(
         self,
         base_url: str,
         token: str | None = None,
         *,
-        timeout_s: float = 20.0,
+        timeout_s: float = default_value("http_timeout_s"),
         session: requests.Session | None = None,
-        pace_below: int = 3,
-        max_pace_sleep_s: float = 60.0,
-        body_retries: int = 2,
-        backoff_s: float = 0.5,
+        pace_below: int = default_value("api_pace_below"),
+        max_pace_sleep_s: float = default_value("api_max_pace_sleep_s"),
+        body_retries: int = default_value("api_body_retries"),
+        backoff_s: float = default_value("api_backoff_s"),
     ) -> None:
+        """Defaults are the Settings fields' (`from_settings` passes a deployment's values)."""
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"API base URL must be http(s)://host[:port], got {base_url!r}")
         self._origin = (parts.scheme, parts.netloc.lower())
         self.timeout_s = timeout_s
-        self.session = session or build_session()
+        self.session = session or build_session(
+            retries=default_value("api_retries"),
+            backoff_factor=backoff_s,
+            retry_after_cap=default_value("api_retry_after_cap_s"),
+        )
         self.session.headers["Accept"] = "application/json"
         if token:
             self.session.headers["Authorization"] = f"Token {token}"
@@ -109,6 +131,29 @@ class SketchfabClient:
         params: dict[str, Any] = {"sort_by": sort_by, "count": min(max(count, 1), MAX_PAGE_SIZE)}
         params.update({k: v for k, v in filters.items() if v not in (None, "", [])})
         return f"{self.base_url}/v3/models?{urlencode(params)}"
+
+    def listing_url(
+        self,
+        filters: dict[str, Any],
+        *,
+        endpoint: str | None = None,
+        sort_by: str = "-publishedAt",
+        count: int = MAX_PAGE_SIZE,
+    ) -> str:
+        """First page of a slice: `filters` plus the endpoint's own fixed parameters."""
+        endpoint = endpoint or self.slice_endpoint
+        params: dict[str, Any] = {
+            **ENDPOINT_PARAMS[endpoint], "sort_by": sort_by, "count": min(max(count, 1), MAX_PAGE_SIZE)
+        }  # fmt: skip
+        for name, value in filters.items():
+            if value is None:
+                continue
+            params[name] = ("true" if value else "false") if isinstance(value, bool) else value
+        return f"{self.base_url}{endpoint}?{urlencode(params)}"
+
+    def get_model(self, uid: str) -> Any | None:
+        """`GET /v3/models/{uid}`: the model's JSON, or None when the API answers 404 (gone)."""
+        return self.get_json(f"{self.base_url}/v3/models/{uid}", allow_404=True)
 
     def get_page(self, url: str) -> Page:
         """One listing page; `url` must be on the configured origin, the body a listing envelope."""

@@ -15,13 +15,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..core.backend import cpu_count, gpu_available
-from ..core.featurespec import EMBEDDING_DIM, FeatureSpec, check_choice
-from ..core.settings import Settings
+from ..core.featurespec import EMBEDDING_DIM, FeatureSpec
+from ..core.settings import Settings, check_value
 from .vgg16 import build_keras_extractor, load_vgg16
 
 log = logging.getLogger(__name__)
-
-ENGINES = ("auto", "keras", "ncnn")
 
 
 class Engine(Protocol):
@@ -128,7 +126,7 @@ def ncnn_installed() -> bool:
 
 def choose_engine(requested: str, precision: str, gpu: bool, ncnn_ok: bool) -> str:
     """auto: Keras where it has a GPU or mixed precision is asked for, ncnn on a CPU."""
-    check_choice("similarity_extract_engine", requested, ENGINES)
+    check_value("extract_engine", requested)
     if requested != "auto":
         if requested == "ncnn" and not ncnn_ok:
             raise RuntimeError("similarity_extract_engine=ncnn but the ncnn package is not installed")

@@ -25,7 +25,7 @@ from ..core.db import connect
 from ..core.featurespec import EMBEDDING_DIM, FeatureSpec, l2_normalise, preprocess
 from ..core.images import decode_for_model
 from ..core.progress import Progress
-from ..core.settings import Settings
+from ..core.settings import Settings, default_value
 from ..core.sharding import WHOLE, Shard
 from ..core.store import ArtifactStore, FeatureBatch
 from .engines import Engine, make_engine
@@ -72,23 +72,27 @@ class ExtractResult:
     failures: dict[str, str] = field(default_factory=dict)
 
 
+def pending_query(shard: Shard) -> str:
+    """Good thumbnails of this shard with no vector for this version and these bytes (a uid range
+    the "C" indexes serve, so a shard reads only its own rows)."""
+    return f"""
+        SELECT t.uid, t.stored_path, t.content_hash
+        FROM model_thumbnails t
+        LEFT JOIN model_embeddings e ON e.uid = t.uid AND {shard.sql_predicate("e.uid")}
+        WHERE t.status = 'ok' AND {shard.sql_predicate("t.uid")}
+          AND (%(force)s OR e.uid IS NULL OR e.feature_version <> %(version)s
+               OR e.content_hash <> t.content_hash)
+        ORDER BY t.uid
+    """  # noqa: S608 (the predicate is built from two integers)
+
+
 def pending_extractions(
     db_url: str, version: str, force: bool = False, shard: Shard = WHOLE
 ) -> list[PendingImage]:
     """Good thumbnails with no vector for this feature version and these exact bytes."""
     with connect(db_url) as conn, conn.cursor() as cur:
-        cur.execute(
-            """
-            SELECT t.uid, t.stored_path, t.content_hash
-            FROM model_thumbnails t LEFT JOIN model_embeddings e ON e.uid = t.uid
-            WHERE t.status = 'ok'
-              AND (%(force)s OR e.uid IS NULL OR e.feature_version <> %(version)s
-                   OR e.content_hash <> t.content_hash)
-            ORDER BY t.uid
-            """,
-            {"force": force, "version": version},
-        )
-        return [PendingImage(*row) for row in cur.fetchall() if shard.contains(row[0])]
+        cur.execute(pending_query(shard), {"force": force, "version": version})
+        return [PendingImage(*row) for row in cur.fetchall()]
 
 
 def mark_unreadable(db_url: str, failures: dict[str, str]) -> None:
@@ -108,7 +112,11 @@ class FeatureExtractor:
     """An engine plus the decode pipeline. Build once, call on many images."""
 
     def __init__(
-        self, spec: FeatureSpec, engine: Engine, workers: int = 0, max_pixels: int = 40_000_000
+        self,
+        spec: FeatureSpec,
+        engine: Engine,
+        workers: int = default_value("decode_workers"),
+        max_pixels: int = default_value("max_image_pixels"),
     ) -> None:
         self.spec = spec
         self.engine = engine
@@ -198,7 +206,7 @@ def extract_features(settings: Settings, force: bool = False, shard: Shard = WHO
         log.warning("Using RANDOM (seeded) VGG16 weights: vectors are for tests and offline demos only")
     extractor, result.device = make_extractor(spec, settings)
     result.engine = extractor.engine.name
-    store = ArtifactStore(settings.thumbnail_store)
+    store = ArtifactStore.for_settings(settings)
     progress = Progress("extract", total=len(pending), unit="images", log=log)
     for start in range(0, len(pending), CHUNK_SIZE):
         chunk = pending[start : start + CHUNK_SIZE]

@@ -289,7 +289,7 @@ def create_app(settings: Callable[[], Settings], dependencies: Sequence[Any] = (
         paths = stored_paths(db_url(), [uid]) if is_uid(uid) else {}
         if uid not in paths:
             return Response(status_code=404)
-        data = ArtifactStore(current_settings().thumbnail_store).get(paths[uid])
+        data = ArtifactStore.for_settings(current_settings()).get(paths[uid])
         media_type = image_type(data)
         if media_type is None:
             return Response(status_code=404)

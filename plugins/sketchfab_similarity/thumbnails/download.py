@@ -36,6 +36,7 @@ from ..core.store import ArtifactStore
 from .fetch import ACCEPT, TRANSIENT, FetchFailed, GuardedResolver, fetch_bytes
 
 log = logging.getLogger(__name__)
+STORE_FAILED = "store write failed"
 
 VALIDATE_THREADS = min(4, os.cpu_count() or 1)
 WRITE_BATCH = 200
@@ -103,7 +104,7 @@ def validate_and_store(
         try:
             stored_new = store.put(key, data)
         except Exception as exc:  # the store itself failed (disk full, S3 down): worth retrying later
-            raise FetchFailed("store write failed", f"{type(exc).__name__}: {exc}", transient=True) from None
+            raise FetchFailed(STORE_FAILED, f"{type(exc).__name__}: {exc}", transient=True) from None
     except FetchFailed as exc:
         return _failed(task, exc), False
     except Exception as exc:  # a bug or an unforeseen library error must not fail the batch
@@ -206,26 +207,30 @@ def iter_downloads(
         thread.join(timeout=settings.download_deadline_s + 5)
 
 
-def plan_downloads(settings: Settings, shard: Shard = WHOLE, limit: int | None = None) -> DownloadPlan:
+def plan_query(shard: Shard) -> str:
+    """Every model of this shard with its recorded download, newest first; the shard is a uid
+    range both tables' "C" indexes serve, so a shard reads only its own rows."""
+    return f"""
+        SELECT m.uid, m.thumbnails, t.source_url, t.status, t.error, t.attempts
+        FROM sketchfab_models m
+        LEFT JOIN model_thumbnails t ON t.uid = m.uid AND {shard.sql_predicate("t.uid")}
+        WHERE m.deleted_at IS NULL AND {shard.sql_predicate("m.uid")}
+        ORDER BY m.published_at DESC, m.uid
+    """  # noqa: S608 (the predicate is built from two integers)
+
+
+def plan_downloads(settings: Settings, shard: Shard = WHOLE) -> DownloadPlan:
     """What to fetch: no row yet, a changed chosen URL, or a transient failure with attempts left."""
     plan = DownloadPlan()
     with connect(settings.db_url) as conn, conn.cursor(name="plan_downloads") as cur:
         cur.itersize = 5000
-        cur.execute(
-            """
-            SELECT m.uid, m.thumbnails, t.source_url, t.status, t.error, t.attempts
-            FROM sketchfab_models m LEFT JOIN model_thumbnails t ON t.uid = m.uid
-            ORDER BY m.published_at DESC, m.uid
-            """
-        )
+        cur.execute(plan_query(shard))
         for uid, images, stored_url, status, error, attempts in cur:
-            if not shard.contains(uid):
-                continue
             url = choose_thumbnail(images, settings.input_size)
             skip = skip_reason(url, stored_url, status, error, attempts, settings.max_download_attempts)
             if skip:
                 plan.skipped_by_reason[skip] += 1
-            elif limit is None or len(plan.tasks) < limit:
+            else:
                 plan.tasks.append(DownloadTask(uid, url))
     return plan
 
@@ -250,10 +255,8 @@ def skip_reason(
     return None
 
 
-def pending_downloads(
-    settings: Settings, limit: int | None = None, shard: Shard = WHOLE
-) -> list[DownloadTask]:
-    return plan_downloads(settings, shard, limit).tasks
+def pending_downloads(settings: Settings, shard: Shard = WHOLE) -> list[DownloadTask]:
+    return plan_downloads(settings, shard).tasks
 
 
 UPSERT_THUMBNAILS = """
@@ -289,17 +292,15 @@ def record_results(db_url: str, results: list[DownloadResult]) -> None:
         )
 
 
-def download_thumbnails(
-    settings: Settings, tasks: list[DownloadTask] | None = None, shard: Shard = WHOLE
-) -> DownloadStats:
+def download_thumbnails(settings: Settings, shard: Shard = WHOLE) -> DownloadStats:
     """Download every pending thumbnail (of this shard) concurrently; results are written in batches."""
-    plan = plan_downloads(settings, shard) if tasks is None else DownloadPlan(tasks=tasks)
+    plan = plan_downloads(settings, shard)
     stats = DownloadStats(
         candidates=len(plan.tasks),
         skipped=sum(plan.skipped_by_reason.values()),
         skipped_by_reason=dict(plan.skipped_by_reason),
     )
-    store = ArtifactStore(settings.thumbnail_store)
+    store = ArtifactStore.for_settings(settings)
     progress = Progress("download", total=len(plan.tasks), unit="thumbnails", log=log)
     reasons: Counter[str] = Counter()
     batch: list[DownloadResult] = []
@@ -324,7 +325,18 @@ def download_thumbnails(
         f"{stats.fetched} ok ({stats.stored_new} new files), {stats.failed} failed {dict(reasons)}, "
         f"{stats.skipped} skipped {stats.skipped_by_reason}"
     )
+    if stats.failed and not stats.fetched and all(STORE_FAILED in kind for kind in reasons):
+        # Not a bad thumbnail but a broken store (unwritable volume, wrong bucket credentials): the
+        # rows are recorded as transient failures, and the task fails so the run does not end green.
+        raise StoreUnavailable(
+            f"The thumbnail store {settings.thumbnail_store} refused all {stats.failed} writes; "
+            f"see model_thumbnails.error (e.g. permissions of the store's path or its connection)"
+        )
     return stats
+
+
+class StoreUnavailable(RuntimeError):
+    pass
 
 
 def reason_kind(error: str) -> str:

@@ -103,7 +103,7 @@ def load_batch(db_url: str, batch: FeatureBatch, stats: LoadStats) -> None:
         # its commit has no vector, so extract_features produces it again on the next run.
         cur.execute("SET LOCAL synchronous_commit = off")
         cur.execute(
-            "CREATE TEMP TABLE staging_embeddings (uid text, embedding vector(512), content_hash text) "
+            f"CREATE TEMP TABLE staging_embeddings (uid text, embedding vector({EMBEDDING_DIM}), content_hash text) "
             "ON COMMIT DROP"
         )
         cur.copy_expert(
@@ -162,7 +162,7 @@ def incoming_changes(db_url: str, files: list[tuple[list[str], list[str], str]])
 def load_vectors(settings: Settings, keys: list[str]) -> LoadStats:
     """Load the feature files written by extract_features (keys relative to the thumbnail store)."""
     stats = LoadStats()
-    store = ArtifactStore(settings.thumbnail_store)
+    store = ArtifactStore.for_settings(settings)
     clock = time.perf_counter()
     readable = []
     for key in keys:
