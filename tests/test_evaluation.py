@@ -47,7 +47,8 @@ def readme_quality_sql() -> list[str]:
 
 
 def sql_precision_at_10(db_url: str) -> float:
-    """Independently of the evaluation code: mean share of the first 10 sharing a category."""
+    """Independently of the evaluation code: mean share of the first 10 sharing a category, over the
+    queries that have a category (the others have no ground truth)."""
     (value,) = query(
         db_url,
         """
@@ -55,7 +56,7 @@ def sql_precision_at_10(db_url: str) -> float:
             SELECT s.uid, avg((q.categories && r.categories)::int) AS share
             FROM model_similarity s
             JOIN sketchfab_models q ON q.uid = s.uid JOIN sketchfab_models r ON r.uid = s.similar_uid
-            WHERE s.rank <= 10 GROUP BY s.uid
+            WHERE s.rank <= 10 AND cardinality(q.categories) > 0 GROUP BY s.uid
         ) per_query
         """,
     )[0]
@@ -65,8 +66,10 @@ def sql_precision_at_10(db_url: str) -> float:
 def test_evaluation_writes_one_row_per_run_with_the_metrics(pipeline):
     catalog, settings = pipeline
     stored = dict(query(settings.db_url, "SELECT uid, categories FROM sketchfab_models"))
-    assert all(m.shape_class in stored[m.uid] for m in catalog.models), (
-        "the catalogue's shape class is a category"
+    categorised = [m for m in catalog.models if stored[m.uid]]
+    assert len(categorised) >= 30, "most generated models have categories (some, as on Sketchfab, none)"
+    assert all(m.shape_class == stored[m.uid][0] for m in categorised), (
+        "the shape class is the first category"
     )
     settings = settings.with_overrides(hubness_rerank="csls", csls_k=5)
     quality = evaluation.evaluate(settings, run_id="manual__1")

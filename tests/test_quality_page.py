@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from helpers import query
 from sketchfab_similarity import crawl, evaluation, features, similarity, thumbnails, vectors
 from sketchfab_similarity.gallery.app import create_app
-from test_gallery_browser import ARTIFACTS, PREFIX, browser, loaded_images  # noqa: F401 (fixture)
+from test_gallery_browser import ARTIFACTS, PREFIX, browser  # noqa: F401 (fixture)
 from webdriver import free_port
 
 pytestmark = pytest.mark.integration
@@ -87,7 +87,7 @@ def test_quality_page_shows_curves_hubs_duplicates_and_history(browser, served):
     # Top hubs as thumbnails, in the evaluation's order, every image loaded.
     hubs = [browser.attribute(f, "data-uid") for f in browser.find_all("#hubs figure")]
     assert hubs == [uid for uid, _ in latest["hubness"]["top_hubs"]]
-    assert all(loaded_images(browser)), "every hub and duplicate thumbnail loads"
+    assert all(browser.wait_for_images()), "every hub and duplicate thumbnail loads"
     # The near-duplicate pair side by side.
     pair = [browser.attribute(f, "data-uid") for f in browser.find_all("#duplicates .pair figure")]
     assert sorted(pair) == sorted(m.uid for m in catalog.models[:2])
