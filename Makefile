@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)/tools
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast test-celery airflow bench bench-crawl db schema stop-db lint format docs lock clean evaluate compare-features
+.PHONY: setup demo test test-fast test-celery airflow bench bench-crawl bench-scale db schema stop-db lint format docs lock clean evaluate compare-features
 
 setup: $(STAMP)
 
@@ -57,12 +57,20 @@ airflow: setup
 
 ## Benchmarks: prints tables of ratios against baselines measured in the same run.
 bench: setup
-	@for b in $(filter-out bench/bench_crawl.py,$(wildcard bench/bench_*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in $(filter-out bench/bench_crawl.py bench/bench_scale.py,$(wildcard bench/bench_*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 ## The crawl bootstrap past the listing cap: 200,000 models, cap 10,000 (takes several minutes;
 ## `$(PY) bench/bench_crawl.py --quick` for 40,000 models and a cap of 2,000).
 bench-crawl: setup
 	$(PY) bench/bench_crawl.py
+
+## Every vectors-side stage at catalogue scale (README "Scale"): SCALE_MODELS models (default 100,000;
+## 1,000,000 takes about half an hour and ~15 GB of disk), figures to bench-scale-N.json; then the
+## growth exponents of every bench-scale-*.json present.
+SCALE_MODELS ?= 100000
+bench-scale: setup
+	nice -n 19 $(PY) bench/bench_scale.py --models $(SCALE_MODELS) --out bench-scale-$(SCALE_MODELS).json $(SCALE_ARGS)
+	$(PY) bench/bench_scale.py --exponents bench-scale-*.json
 
 ## Start the embedded Postgres (.pgdata/) and apply sql/ (idempotent).
 db: setup

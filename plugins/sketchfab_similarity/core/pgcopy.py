@@ -82,22 +82,111 @@ def _copy_rows_packed(columns: list[np.ndarray]) -> bytes:
     return b"".join(parts)
 
 
+EMBEDDING_ROW = np.dtype(
+    [("fields", ">i2"), ("ulen", ">i4"), ("uid", "S32"), ("vlen", ">i4"), ("dim", ">i2"),
+     ("unused", ">i2"), ("vec", ">f4", EMBEDDING_DIM)]
+)  # fmt: skip
+"""One (uid, embedding) row of a binary COPY: 32-character uids (the schema's pattern), 512-d vectors."""
+SINK_FLUSH = 32 << 20
+"""Bytes of COPY data a `RowSink` gathers before parsing them into its arrays."""
+
+
 def read_embeddings(db_url: str, version: str) -> tuple[np.ndarray, np.ndarray]:
     """Every (uid, vector) of a feature version, sorted by uid: uids as 'U32', vectors float32.
 
-    Binary COPY: about 2 KB per vector on the wire and no text parsing on either side.
+    Binary COPY, about 2 KB per vector on the wire and no text parsing on either side, parsed
+    as it arrives into arrays sized by a count taken in the same snapshot: the vectors are held
+    once (4 bytes per value), never as a whole COPY buffer next to the matrix (at a million
+    models that buffer alone is 2 GB).
     """
-    buf = io.BytesIO()
+    copy_sql = "COPY (SELECT uid, embedding FROM model_embeddings WHERE feature_version = %s) TO STDOUT (FORMAT binary)"
     with connect(db_url) as conn, conn.cursor() as cur:
-        cur.copy_expert(
-            cur.mogrify(
-                "COPY (SELECT uid, embedding FROM model_embeddings WHERE feature_version = %s) "
-                "TO STDOUT (FORMAT binary)",
-                (version,),
-            ).decode(),
-            buf,
-        )
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # the count and the COPY agree
+        cur.execute("SELECT count(*) FROM model_embeddings WHERE feature_version = %s", (version,))
+        sink = RowSink(cur.fetchone()[0])
+        cur.copy_expert(cur.mogrify(copy_sql, (version,)).decode(), sink)
+        if sink.finish():
+            return sink.uids.astype("U32"), sink.matrix
+        del sink  # an unexpected row layout: read it again the general way
+        buf = io.BytesIO()
+        cur.copy_expert(cur.mogrify(copy_sql, (version,)).decode(), buf)
     return parse_embedding_copy(buf.getbuffer())
+
+
+class RowSink:
+    """The file a COPY ... TO writes into: fixed-width (uid, embedding) rows parsed into
+    preallocated arrays every SINK_FLUSH bytes. `finish` sorts them by uid (in place) and says
+    whether every row had the expected layout."""
+
+    def __init__(self, count: int) -> None:
+        self.uids = np.empty(count, "S32")
+        self.matrix = np.empty((count, EMBEDDING_DIM), np.float32)
+        self.filled = 0
+        self.pending = bytearray()
+        self.started = False
+        self.ok = True
+
+    def write(self, data: bytes) -> None:
+        self.pending += data
+        if len(self.pending) >= SINK_FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        start = 0
+        if not self.started:
+            if len(self.pending) < len(PGCOPY_HEADER):
+                return
+            self.ok &= bytes(self.pending[: len(PGCOPY_HEADER)]) == PGCOPY_HEADER
+            self.started, start = True, len(PGCOPY_HEADER)
+        count = (len(self.pending) - start) // EMBEDDING_ROW.itemsize
+        if self.ok and count:
+            rows = np.frombuffer(self.pending, EMBEDDING_ROW, count, start)
+            good = (
+                self.filled + count <= len(self.uids)
+                and np.all(rows["fields"] == 2)
+                and np.all(rows["ulen"] == 32)
+                and np.all(rows["vlen"] == 4 + 4 * EMBEDDING_DIM)
+            )
+            if good:
+                self.uids[self.filled : self.filled + count] = rows["uid"]
+                self.matrix[self.filled : self.filled + count] = rows["vec"]  # big-endian to native
+                self.filled += count
+            self.ok &= bool(good)
+            del rows  # release the buffer before resizing it
+        del self.pending[: start + count * EMBEDDING_ROW.itemsize]
+
+    def finish(self) -> bool:
+        self.flush()
+        if not (self.ok and self.filled == len(self.uids) and bytes(self.pending) == PGCOPY_TRAILER):
+            return False
+        order = np.argsort(self.uids, kind="stable")
+        permute_rows(self.matrix, order)
+        self.uids = self.uids[order]
+        return True
+
+
+def permute_rows(matrix: np.ndarray, order: np.ndarray) -> None:
+    """matrix[:] = matrix[order] in place (following the permutation's cycles), without a second
+    matrix: rows already in place (a table loaded in uid order) cost nothing."""
+    moved = np.flatnonzero(order != np.arange(len(order)))
+    if not len(moved):
+        return
+    done = np.zeros(len(order), bool)
+    held = np.empty(matrix.shape[1:], matrix.dtype)
+    order_list = order.tolist()
+    for start in moved.tolist():
+        if done[start]:
+            continue
+        held[...] = matrix[start]
+        at = start
+        while True:
+            done[at] = True
+            source = order_list[at]
+            if source == start:
+                matrix[at] = held
+                break
+            matrix[at] = matrix[source]
+            at = source
 
 
 def fixed_width_rows(data: memoryview | bytes, dtype: np.dtype) -> np.ndarray | None:
@@ -117,11 +206,7 @@ def copy_out_rows(cur, sql: str, dtype: np.dtype) -> np.ndarray | None:
 def parse_embedding_copy(data: memoryview | bytes) -> tuple[np.ndarray, np.ndarray]:
     """(uids, vectors) of a binary COPY of (uid, embedding), sorted by uid."""
     body = memoryview(data)[len(PGCOPY_HEADER) : len(data) - len(PGCOPY_TRAILER)]
-    row_dtype = np.dtype(
-        [("fields", ">i2"), ("ulen", ">i4"), ("uid", "S32"), ("vlen", ">i4"), ("dim", ">i2"),
-         ("unused", ">i2"), ("vec", ">f4", EMBEDDING_DIM)]
-    )  # fmt: skip
-    rows = fixed_width_rows(data, row_dtype)
+    rows = fixed_width_rows(data, EMBEDDING_ROW)
     if rows is not None and (
         np.all(rows["fields"] == 2)
         and np.all(rows["ulen"] == 32)

@@ -18,7 +18,7 @@ from ..core.pgcopy import copy_out_rows
 from ..core.progress import Progress
 from ..core.settings import Settings
 from ..core.sharding import Shard
-from . import topn, topn_keras
+from . import duplicates, topn, topn_keras
 from .plan import BookkeepingMismatch, Plan
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,13 @@ def shard_rows(plan: Plan, shard: Shard) -> np.ndarray:
 def compute_full(plan: Plan, shard: Shard, tile: int, engine: str, progress: Progress) -> Lists:
     """Every list of this shard: the symmetric numpy search for the whole table, query blocks
     for a shard, or candidates from the Keras device (each gives the same lists)."""
+    groups = duplicates.group_rows(plan.matrix, plan.hashes)  # identical vectors searched once
     if shard.count == 1 and engine == "numpy":
-        indices, scores = topn.top_n_all(plan.matrix, plan.n, tile, progress.advance)
+        indices, scores = duplicates.top_n_all(plan.matrix, plan.n, tile, progress.advance, groups)
         return Lists(np.arange(len(plan.uids)), indices, scores)
     rows = np.flatnonzero(shard_rows(plan, shard))
     search = topn_keras.top_n_rows if engine == "keras" else topn.top_n_rows
-    indices, scores = search(plan.matrix, rows, plan.n, tile, progress.advance)
+    indices, scores = duplicates.top_n_rows(plan.matrix, rows, plan.n, tile, progress.advance, groups, search)
     return Lists(rows, indices, scores)
 
 
@@ -112,9 +113,17 @@ def compute_incremental(plan: Plan, shard: Shard, tile: int, db_url: str, progre
             a, u = np.nonzero(part[:, cols] >= bar_here[cols])
             pairs.append((column + cols[u], rows[new_rows[a]]))
 
-    # New rows of this part are query rows anyway: their products double as candidate checks.
-    rec_idx, rec_scores = topn.top_n_rows(plan.matrix, recompute, plan.n, tile, progress.advance, candidates)
-    others = plan.new[~np.isin(plan.new, recompute)]
+    groups = duplicates.group_rows(plan.matrix, plan.hashes)
+    if groups.duplicated:  # identical vectors searched once; candidate checks of new rows apart
+        rec_idx, rec_scores = duplicates.top_n_rows(
+            plan.matrix, recompute, plan.n, tile, progress.advance, groups
+        )
+        others = plan.new
+    else:  # new rows of this part are query rows anyway: their products double as candidate checks
+        rec_idx, rec_scores = topn.top_n_rows(
+            plan.matrix, recompute, plan.n, tile, progress.advance, candidates
+        )
+        others = plan.new[~np.isin(plan.new, recompute)]
     for start in range(0, len(others), tile):
         rows = others[start : start + tile]
         for column in range(0, total, tile):
