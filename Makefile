@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)/tools
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast test-celery airflow bench bench-crawl bench-scale db schema stop-db lint format docs lock clean
+.PHONY: setup demo test test-fast test-celery airflow bench bench-crawl bench-scale db schema stop-db lint format docs lock clean evaluate compare-features
 
 setup: $(STAMP)
 
@@ -34,6 +34,17 @@ test: setup
 ## redis-server: skipped with a notice without it, an error when CI=true).
 test-celery: setup
 	$(PY) -m pytest tests/test_celery_topology.py
+
+## Evaluate the published lists of the embedded database (after `make demo`): one similarity_quality row.
+evaluate: setup
+	$(PY) -m sketchfab_similarity.evaluation --db-url "$$($(PY) tools/devenv.py start-db)" \
+		--thumbnail-store data/demo/thumbnails $(EVALUATE_ARGS)
+
+## Feature choices side by side on the demo's thumbnails (COMPARE_ARGS="--weights imagenet --input-size 224").
+COMPARE_ARGS ?= --weights random --input-size 64
+compare-features: setup
+	$(PY) -m sketchfab_similarity.compare_features --db-url "$$($(PY) tools/devenv.py start-db)" \
+		--thumbnail-store data/demo/thumbnails $(COMPARE_ARGS)
 
 ## Unit tests only (seconds).
 test-fast: setup

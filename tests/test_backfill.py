@@ -154,6 +154,13 @@ def test_make_airflow_serves_the_ui_gallery_and_runs_a_backfill(pg_uri, tmp_path
                 "the Airflow UI to be healthy", STARTUP_S, lambda: proc.poll() is None and healthy(base), log
             )
             api = Airflow(base, home)
+            # Healthy is not parsed: the dag-processor may still be importing the DAG files.
+            wait_until(
+                "the DAG to be parsed",
+                STARTUP_S,
+                lambda: api.http.get(f"{base}/api/v2/dags/{devenv.DAG_ID}", timeout=30).status_code == 200,
+                log,
+            )
 
             # The gallery: in the navigation, behind the login, served by the API server.
             plugins = api.get("/api/v2/plugins")["plugins"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg2.errors
 
-from . import crawl, features, similarity, thumbnails, vectors
+from . import crawl, evaluation, features, similarity, thumbnails, vectors
 from .core import db, runs
 from .core.featurespec import FeatureSpec
 from .core.settings import Settings, describe, settings_from_airflow
@@ -323,3 +323,31 @@ def summarize_run(context: dict[str, Any], results: Mapping[str, Any]) -> dict[s
             f"{settings.failure_min_items}; Variables similarity_failure_max_share/_min_items)"
         )
     return {"run_id": dag_run.run_id, "feature_version": feature_version, **counts}
+
+
+def evaluate_similarity(context: dict[str, Any]) -> dict[str, Any]:
+    """Measure the published lists (DAG sketchfab_similarity_evaluation); one `similarity_quality` row per run.
+
+    Returns the headline figures as XCom; the full metrics are in the row. Applies the schema
+    first, so an evaluation deployed before the pipeline's next run finds its table. With no
+    published lists the task is skipped with the reason.
+    """
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    settings = settings_from_airflow()
+    db.apply_schema(settings.db_url)
+    try:
+        quality = evaluation.evaluate(settings, run_id=str(context["dag_run"].run_id))
+    except evaluation.NothingToEvaluate as exc:  # a publish of zero lists: skipped (not green), no retries
+        raise AirflowSkipException(str(exc)) from None
+    methods = quality["methods"]
+    return {
+        "feature_version": quality["feature_version"],
+        "models": quality["models"],
+        "sample_size": quality["sample_size"],
+        "precision_at_10": {name: m["precision"].get("10") for name, m in methods.items()},
+        "coverage": quality["hubness"]["coverage"],
+        "hubness_skewness": quality["hubness"]["skewness"],
+        "hubness_gini": quality["hubness"]["gini"],
+        "near_duplicate_pairs": quality["near_duplicates"]["count"],
+    }

@@ -34,6 +34,7 @@ DB_CONN_ID = "similarity_db"
 DEFAULT_API_BASE_URL = "https://api.sketchfab.com"
 VARIABLE_PREFIX = "similarity_"
 REFRESH_ENGINES = ("auto", "numpy", "keras")
+HUBNESS_RERANKS = ("none", "csls")
 EXTRACT_ENGINES = ("auto", "keras", "ncnn")
 URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*(@)")
 # VGG16 layers whose output has 512 channels, so the pooled vector fits the vector(512) column.
@@ -534,6 +535,33 @@ class Settings:
         read=TASK,
         minimum=1,
     )
+    # Evaluation (DAG sketchfab_similarity_evaluation, `python -m sketchfab_similarity.evaluation`).
+    evaluation_sample_size: int = setting(
+        2000,
+        "Query models drawn (seeded) for the evaluation's metrics that cost more than a pass over the "
+        "published table: precision@k and tags Jaccard, the baselines, CSLS re-ranking.",
+        read=TASK,
+        minimum=2,
+    )
+    evaluation_seed: int = setting(
+        0, "Seed of the evaluation sample and of the random baseline.", read=TASK, minimum=0
+    )
+    evaluation_duplicate_cosine: float = setting(
+        0.999,
+        "Cosine above which two models count as near-duplicates (identical or re-uploaded thumbnails).",
+        read=INTERNAL,
+        minimum=0.0,
+        maximum=1.0,
+    )
+    hubness_rerank: str = setting(
+        "none",
+        "`csls`: the evaluation also measures CSLS re-ranked lists (2 cos(x, y) - r(x) - r(y), r = mean "
+        "cosine to the similarity_csls_k nearest) beside the published ones; the published lists are "
+        "unchanged. `none`: off.",
+        read=TASK,
+        choices=HUBNESS_RERANKS,
+    )
+    csls_k: int = setting(10, "Neighbourhood size of the CSLS radius r.", read=TASK, minimum=1)
 
     def __post_init__(self) -> None:
         for f in fields(self):

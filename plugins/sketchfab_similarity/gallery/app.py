@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from ..core.settings import Settings
 from ..core.store import ArtifactStore
 from ..core.uids import is_uid
+from . import charts
 from .queries import (
     DEFAULT_K,
     MAX_QUERY_CHARS,
@@ -35,7 +36,10 @@ from .queries import (
     Unavailable,
     first_line,
     get_model,
+    latest_quality,
+    model_names,
     overview,
+    quality_history,
     reader_url,
     recent_models,
     search_models,
@@ -99,8 +103,79 @@ def render(template: str, **context: Any) -> str:
     context.setdefault("q", "")
     context.setdefault("thumb", lambda uid: None)
     return ENV.get_template(template).render(
-        link=safe_link, css=CSS, max_query=MAX_QUERY_CHARS, stat_fields=STAT_FIELDS, **context
+        link=safe_link,
+        fmt=fmt,
+        pct=pct,
+        css=CSS,
+        max_query=MAX_QUERY_CHARS,
+        stat_fields=STAT_FIELDS,
+        **context,
     )
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+METHOD_ORDER = {key: i for i, key in enumerate(("published", "random", "colour", "embedding_sample", "csls"))}
+
+
+def quality_context(db_url: str) -> dict[str, Any]:
+    """What the Quality page shows: the latest evaluation, its charts, and the history of evaluations."""
+    latest = latest_quality(db_url)
+    if latest is None:
+        return {"latest": None}
+    history = quality_history(db_url)
+    # jsonb does not keep key order: show the methods in a fixed one.
+    methods = dict(
+        sorted(latest["methods"].items(), key=lambda kv: (METHOD_ORDER.get(kv[0], len(METHOD_ORDER)), kv[0]))
+    )
+    ks = [str(k) for k in latest["ks"]]
+
+    def by_k(field: str) -> dict[str, tuple[str, list[float | None]]]:
+        return {key: (m["label"], [m[field].get(k) for k in ks]) for key, m in methods.items()}
+
+    published = methods["published"]["precision"]
+    hubs = [uid for uid, _ in latest["hubness"]["top_hubs"]]
+    pairs = [uid for a, b, _ in latest["near_duplicates"]["pairs"] for uid in (a, b)]
+    return {
+        "latest": latest,
+        "methods": methods,
+        "history": history,
+        "names": model_names(db_url, hubs + pairs),
+        "headline": [
+            ("precision@10", fmt(published.get("10"))),
+            ("random baseline", fmt(methods["random"]["precision"].get("10"))),
+            ("colour baseline", fmt(methods.get("colour", {}).get("precision", {}).get("10"))),
+            ("coverage@10", pct(latest["hubness"]["coverage"])),
+            ("hubness skewness", fmt(latest["hubness"]["skewness"], 2)),
+            ("near-duplicate pairs", str(latest["near_duplicates"]["count"])),
+        ],
+        "precision_chart": charts.line_chart(
+            "Category precision@k", [f"k={k}" for k in ks], by_k("precision"), "k", "precision@k"
+        ),
+        "jaccard_chart": charts.line_chart(
+            "Tags Jaccard@k", [f"k={k}" for k in ks], by_k("tags_jaccard"), "k", "mean Jaccard"
+        ),
+        "hubness_chart": charts.histogram_chart(
+            "Hubness: models by times recommended", latest["hubness"]["histogram"]
+        ),
+        "history_chart": charts.line_chart(
+            "Precision@10 across evaluations",
+            [r.evaluated_at[5:16] for r in history],
+            {
+                "published": ("published lists", [r.precision_at_10 for r in history]),
+                "random": ("random", [r.random_precision_at_10 for r in history]),
+                "colour": ("colour histogram", [r.colour_precision_at_10 for r in history]),
+            },
+            "evaluation (UTC)",
+            "precision@10",
+        ),
+    }
 
 
 def render_html(
@@ -189,6 +264,10 @@ def create_app(settings: Callable[[], Settings], dependencies: Sequence[Any] = (
                 recent=[],
                 error="No run has finished yet: trigger the DAG.",
             )
+
+    @app.get("/quality", response_class=HTMLResponse)
+    def quality(request: Request) -> HTMLResponse:
+        return page(request, "quality.html", **quality_context(db_url()))
 
     @app.get("/search", response_class=HTMLResponse)
     def search(request: Request, q: str = Query("", max_length=MAX_QUERY_CHARS)) -> Response:

@@ -177,3 +177,49 @@ def overview(db_url: str) -> Overview:
     order = {stage: i for i, stage in enumerate(STAGES)}
     stages = sorted(counts.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
     return Overview(totals=totals, latest_run=latest, stages=stages)
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    """One `similarity_quality` row's headline figures (the history table and chart)."""
+
+    feature_version: str
+    run_id: str
+    evaluated_at: str
+    models: int
+    precision_at_10: float | None
+    random_precision_at_10: float | None
+    colour_precision_at_10: float | None
+    coverage: float
+    hubness_skewness: float
+    hubness_gini: float
+    near_duplicate_pairs: int
+
+
+def quality_history(db_url: str, limit: int = 50) -> list[QualityRow]:
+    """The latest evaluations, oldest first (so charts read left to right)."""
+    rows = _query(
+        db_url,
+        """
+        SELECT feature_version, run_id, to_char(evaluated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI "UTC"'),
+               models, precision_at_10, random_precision_at_10, colour_precision_at_10, coverage,
+               hubness_skewness, hubness_gini, near_duplicate_pairs
+        FROM (SELECT * FROM similarity_quality ORDER BY evaluated_at DESC, run_id DESC LIMIT %s) latest
+        ORDER BY evaluated_at, run_id
+        """,
+        (limit,),
+    )
+    return [QualityRow(*row) for row in rows]
+
+
+def latest_quality(db_url: str) -> dict[str, Any] | None:
+    """Every metric of the latest evaluation (the row's `metrics` JSON), or None before the first one."""
+    rows = _query(
+        db_url,
+        "SELECT metrics, run_id FROM similarity_quality ORDER BY evaluated_at DESC, run_id DESC LIMIT 1",
+    )
+    return {**rows[0][0], "run_id": rows[0][1]} if rows else None
+
+
+def model_names(db_url: str, uids: list[str]) -> dict[str, str]:
+    return dict(_query(db_url, "SELECT uid, name FROM sketchfab_models WHERE uid = ANY(%s)", (uids,)))
