@@ -119,8 +119,7 @@ def test_parsing_reads_only_the_variables_that_shape_the_dag(monkeypatch):
 
 
 def test_task_ids_are_defined_once():
-    from sketchfab_similarity.core.runs import STAGES
-    from sketchfab_similarity.tasks import SUMMARY_FIELDS
+    from sketchfab_similarity.core.runs import STAGES, SUMMARY_FIELDS
 
     assert list(STAGES) == CONTRACT_TASKS
     assert list(SUMMARY_FIELDS) == CONTRACT_TASKS

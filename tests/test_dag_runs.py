@@ -113,7 +113,7 @@ def test_run_summary_keeps_counts_and_failure_reasons_of_mapped_stages():
         "rejects_by_reason": {"norm": 1},
         "reject_reasons": {"u9": "norm: 2 is not 1"},
     }
-    version, counts = tasks.run_counts({"download_thumbnails": download_shards, "load_vectors": load})
+    version, counts = runs.run_counts({"download_thumbnails": download_shards, "load_vectors": load})
     assert version == "v1"
     assert counts == {
         "download_thumbnails": {
@@ -196,7 +196,7 @@ def test_a_refresh_that_published_nothing_fails_the_run():
         {"published": False, "skipped_unchanged": False},
         {"published": True, "skipped_unchanged": False},
     ]
-    _, counts = tasks.run_counts({"refresh_similarity": parts})
+    _, counts = runs.run_counts({"refresh_similarity": parts})
     assert runs.failed_stages(counts, 0.5, 20) == {}, "one part publishing is enough"
 
 

@@ -203,14 +203,9 @@ def extract_features(context: dict[str, Any], shard: Mapping[str, int]) -> dict[
     return asdict(result)
 
 
-def mapped_results(parts: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The XComs of a mapped task in one request (iterating Airflow's lazy sequence probes past its end)."""
-    return list(parts[:])
-
-
 def merge_extracted(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One extraction result from the mapped shards' results (load_vectors takes the union)."""
-    return runs.combine(mapped_results(parts))
+    return runs.combine(runs.mapped_results(parts))
 
 
 def load_vectors(context: dict[str, Any], extracted: dict[str, Any]) -> dict[str, Any]:
@@ -258,41 +253,12 @@ def published_change(result: Mapping[str, Any]) -> dict[str, Any] | None:
     return {k: result[k] for k in PUBLISH_EVENT_FIELDS if k in result}
 
 
-# Per stage, the counts worth a line in the run summary, with why items failed (the full results stay
-# in each task's XCom).
-SUMMARY_FIELDS = dict(
-    zip(
-        runs.STAGES,
-        (
-            ("pages", "seen", "upserted", "rejected", "reject_reasons", "slices_crawled", "deleted"),
-            ("candidates", "fetched", "failed", "stored_new", "failures_by_reason"),
-            ("extracted", "failed"),
-            ("loaded", "changed", "rejected", "rejects_by_reason"),
-            ("models", "rows", "published", "skipped_unchanged"),
-        ),
-        strict=True,
-    )
-)
-
-
-def run_counts(results: Mapping[str, Any]) -> tuple[str | None, dict[str, dict[str, Any]]]:
-    """(feature version, per-stage summary fields) from each stage's XCom or its mapped XComs."""
-    counts: dict[str, dict[str, Any]] = {}
-    feature_version = None
-    for stage, result in results.items():
-        merged = runs.combine([result] if isinstance(result, Mapping) else mapped_results(result))
-        feature_version = merged.get("feature_version") or feature_version
-        fields = SUMMARY_FIELDS.get(stage, tuple(k for k, v in merged.items() if isinstance(v, int)))
-        counts[stage] = {k: merged[k] for k in fields if k in merged}
-    return feature_version, counts
-
-
 def summarize_run(context: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
     """Combine every stage's counts, record them in `pipeline_runs`, release the run lease.
 
     `results` maps a stage's task id to its XCom, or to the list of XComs of its mapped tasks.
     """
-    feature_version, counts = run_counts(results)
+    feature_version, counts = runs.run_counts(results)
     settings = settings_for(context)
     failed = runs.failed_stages(counts, settings.failure_max_share, settings.failure_min_items)
     if failed:

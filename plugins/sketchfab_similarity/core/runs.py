@@ -9,7 +9,7 @@ active, so scheduled runs, manual runs and every backfill run take turns.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -198,3 +198,37 @@ def record_run(
             """,
             (run_id, dag_id, run_type, *data_interval, feature_version, Json(dict(counts))),
         )
+
+
+def mapped_results(parts: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The XComs of a mapped task in one request (iterating Airflow's lazy sequence probes past its end)."""
+    return list(parts[:])
+
+
+# Per stage, the counts worth a line in the run summary, with why items failed (the full results stay
+# in each task's XCom).
+SUMMARY_FIELDS = dict(
+    zip(
+        STAGES,
+        (
+            ("pages", "seen", "upserted", "rejected", "reject_reasons", "slices_crawled", "deleted"),
+            ("candidates", "fetched", "failed", "stored_new", "failures_by_reason"),
+            ("extracted", "failed"),
+            ("loaded", "changed", "rejected", "rejects_by_reason"),
+            ("models", "rows", "published", "skipped_unchanged"),
+        ),
+        strict=True,
+    )
+)
+
+
+def run_counts(results: Mapping[str, Any]) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """(feature version, per-stage summary fields) from each stage's XCom or its mapped XComs."""
+    counts: dict[str, dict[str, Any]] = {}
+    feature_version = None
+    for stage, result in results.items():
+        merged = combine([result] if isinstance(result, Mapping) else mapped_results(result))
+        feature_version = merged.get("feature_version") or feature_version
+        fields = SUMMARY_FIELDS.get(stage, tuple(k for k, v in merged.items() if isinstance(v, int)))
+        counts[stage] = {k: merged[k] for k in fields if k in merged}
+    return feature_version, counts
