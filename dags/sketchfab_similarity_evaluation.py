@@ -20,22 +20,16 @@ This file only wires tasks; the work lives in `plugins/sketchfab_similarity/eval
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
-from airflow.sdk import Asset, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 from sketchfab_similarity import tasks
 from sketchfab_similarity.core.settings import dag_settings
 
 DAG_ID = "sketchfab_similarity_evaluation"
 SETTINGS = dag_settings()
 
-# The Asset the pipeline's refresh_similarity updates (same definition as in sketchfab_visual_similarity.py).
-SIMILARITY_TABLE = Asset(
-    name="sketchfab_model_similarity",
-    group="sketchfab",
-    extra={"connection": "similarity_db", "table": "model_similarity"},
-)
+# The Asset the pipeline's refresh_similarity updates.
+SIMILARITY_TABLE = tasks.similarity_asset()
 
 
 @dag(
@@ -46,13 +40,7 @@ SIMILARITY_TABLE = Asset(
     max_active_runs=1,
     doc_md=__doc__,
     tags=["sketchfab", "recommendations", "quality"],
-    default_args={
-        "retries": SETTINGS.task_retries,
-        "retry_delay": timedelta(seconds=SETTINGS.retry_delay_s),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(seconds=SETTINGS.max_retry_delay_s),
-        "execution_timeout": timedelta(minutes=SETTINGS.task_timeout_minutes),
-    },
+    default_args=tasks.default_args(SETTINGS),
 )
 def sketchfab_similarity_evaluation():
     @task

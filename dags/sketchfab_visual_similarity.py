@@ -28,7 +28,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
+from airflow.sdk import AssetAlias, Param, dag, get_current_context, task
 from sketchfab_similarity import tasks
 from sketchfab_similarity.core.runs import STAGES
 from sketchfab_similarity.core.settings import dag_settings
@@ -36,11 +36,7 @@ from sketchfab_similarity.core.settings import dag_settings
 DAG_ID = "sketchfab_visual_similarity"
 SETTINGS = dag_settings()
 
-SIMILARITY_TABLE = Asset(
-    name="sketchfab_model_similarity",
-    group="sketchfab",
-    extra={"connection": "similarity_db", "table": "model_similarity"},
-)
+SIMILARITY_TABLE = tasks.similarity_asset()
 # refresh_similarity's outlet: through an alias, an event is emitted only by the part that
 # actually published (never by parts that only computed, nor by runs where nothing changed).
 SIMILARITY_PUBLISH = AssetAlias(name="sketchfab_model_similarity_publish", group="sketchfab")
@@ -121,13 +117,7 @@ PARAMS = {
     max_active_runs=1,
     doc_md=__doc__,
     tags=["sketchfab", "recommendations", "pgvector"],
-    default_args={
-        "retries": SETTINGS.task_retries,
-        "retry_delay": timedelta(seconds=SETTINGS.retry_delay_s),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(seconds=SETTINGS.max_retry_delay_s),
-        "execution_timeout": timedelta(minutes=SETTINGS.task_timeout_minutes),
-    },
+    default_args=tasks.default_args(SETTINGS),
     params=PARAMS,
 )
 def sketchfab_visual_similarity():

@@ -116,3 +116,14 @@ def snapshot(db_url: str) -> dict[str, list[tuple]]:
         ),
         "similarity": query(db_url, "SELECT * FROM model_similarity ORDER BY uid, rank"),
     }
+
+
+def model_jpeg(model) -> bytes:
+    """A catalogue model's own picture as a 256x144 JPEG (to serve it for other models: duplicates)."""
+    import io
+
+    from fake_sketchfab.render import render_thumbnail
+
+    buf = io.BytesIO()
+    render_thumbnail(model.shape_class, model.params_seed, 256, 144).save(buf, "JPEG", quality=90)
+    return buf.getvalue()

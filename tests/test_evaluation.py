@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
-from fake_sketchfab import Catalog, FaultConfig, render_thumbnail, start_server
-from helpers import execute, query
+from fake_sketchfab import Catalog, FaultConfig, start_server
+from helpers import execute, model_jpeg, query
 from sketchfab_similarity import crawl, evaluation, features, similarity, thumbnails, vectors
 from sketchfab_similarity.evaluation.__main__ import main as evaluation_main
 
 pytestmark = pytest.mark.integration
 
 
-def jpeg(model) -> bytes:
-    buf = io.BytesIO()
-    render_thumbnail(model.shape_class, model.params_seed, 256, 144).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture
 def pipeline(make_settings):
     """40 models (five per shape class) through crawl .. refresh; models 1 and 2 serve model 0's picture."""
     catalog = Catalog.generate(40, seed=3)
-    same = ("image/jpeg", jpeg(catalog.models[0]))
+    same = ("image/jpeg", model_jpeg(catalog.models[0]))
     bodies = {m.uid: same for m in catalog.models[:3]}
     with start_server(catalog, faults=FaultConfig(thumbnail_bodies=bodies)) as server:
         settings = make_settings(

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 
 import pytest
 import uvicorn
-from fake_sketchfab import Catalog, FaultConfig, render_thumbnail, start_server
+from fake_sketchfab import Catalog, FaultConfig, start_server
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from helpers import query
+from helpers import model_jpeg, query
 from sketchfab_similarity import crawl, evaluation, features, similarity, thumbnails, vectors
 from sketchfab_similarity.gallery.app import create_app
 from test_gallery_browser import ARTIFACTS, PREFIX, browser  # noqa: F401 (fixture)
@@ -20,17 +19,11 @@ from webdriver import free_port
 pytestmark = pytest.mark.integration
 
 
-def jpeg(model) -> bytes:
-    buf = io.BytesIO()
-    render_thumbnail(model.shape_class, model.params_seed, 256, 144).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture
 def evaluated(make_settings):
     """24 models through the stages (models 0 and 1 share a picture), evaluated twice."""
     catalog = Catalog.generate(24, seed=8)
-    same = ("image/jpeg", jpeg(catalog.models[0]))
+    same = ("image/jpeg", model_jpeg(catalog.models[0]))
     with start_server(
         catalog, faults=FaultConfig(thumbnail_bodies={m.uid: same for m in catalog.models[:2]})
     ) as server:

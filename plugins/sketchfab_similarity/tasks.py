@@ -18,7 +18,7 @@ import psycopg2.errors
 from . import crawl, evaluation, features, similarity, thumbnails, vectors
 from .core import db, runs
 from .core.featurespec import FeatureSpec
-from .core.settings import Settings, describe, settings_from_airflow
+from .core.settings import DB_CONN_ID, Settings, describe, settings_from_airflow
 from .core.sharding import WHOLE, Shard
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,28 @@ def timetable(settings: Settings) -> Any:
             f"(@hourly, @daily, '0 */6 * * *', or none): {exc}"
         ) from None
     return timetable
+
+
+def similarity_asset() -> Any:
+    """The Asset `sketchfab_model_similarity`: updated by each publish, scheduling the evaluation DAG."""
+    from airflow.sdk import Asset
+
+    return Asset(
+        name="sketchfab_model_similarity",
+        group="sketchfab",
+        extra={"connection": DB_CONN_ID, "table": "model_similarity"},
+    )
+
+
+def default_args(settings: Settings) -> dict[str, Any]:
+    """Every task of both DAGs: retries with exponential backoff, and a time limit."""
+    return {
+        "retries": settings.task_retries,
+        "retry_delay": timedelta(seconds=settings.retry_delay_s),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(seconds=settings.max_retry_delay_s),
+        "execution_timeout": timedelta(minutes=settings.task_timeout_minutes),
+    }
 
 
 def check_conf(context: dict[str, Any]) -> None:
