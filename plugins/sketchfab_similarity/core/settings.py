@@ -504,14 +504,14 @@ class Settings:
         "How long a new schema migration waits for a table lock before giving up (the task is "
         "retried), so readers never queue behind it for longer.",
         read=TASK,
-        minimum=0.1,
+        minimum=0.001,
     )
     gallery_statement_timeout_s: float = setting(
         5.0,
         "The gallery's queries are cancelled after this; a page shows an error instead of holding a "
         "database connection.",
         read=TASK,
-        minimum=0.1,
+        minimum=0.001,
     )
     gallery_db_role: str = setting(
         "similarity_gallery_reader",
