@@ -80,9 +80,9 @@ def no_processes_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     """
     before = {p.pid for p in processes.descendants()}
     yield
-    left = [
-        p for p in processes.descendants() if p.pid not in before and not processes.is_session_postgres(p)
-    ]
+    left = processes.still_running(
+        [p for p in processes.descendants() if p.pid not in before and not processes.is_session_postgres(p)]
+    )
     if left:
         listing = processes.describe(left)
         processes.kill_all(left)
@@ -92,7 +92,7 @@ def no_processes_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if any child process outlives it (the shared Postgres is stopped by then)."""
-    left = processes.descendants()
+    left = processes.still_running(processes.descendants())
     if left:
         listing = processes.describe(left)
         processes.kill_all(left)

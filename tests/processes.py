@@ -51,6 +51,18 @@ def is_session_postgres(proc: psutil.Process) -> bool:
     return False
 
 
+def still_running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The ones that have not exited meanwhile: a process that ends by itself while it is being
+    listed (a Postgres backend whose connection just closed) is not a leak."""
+    out = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.cmdline()  # raises if it is gone by now
+                out.append(proc)
+    return out
+
+
 def describe(procs: list[psutil.Process]) -> str:
     lines = []
     for proc in procs:

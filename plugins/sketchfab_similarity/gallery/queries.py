@@ -85,6 +85,8 @@ def _query(db_url: str, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -
     except (psycopg2.errors.UndefinedTable, psycopg2.errors.UndefinedFunction) as exc:
         raise NoData(first_line(exc)) from None
     except (psycopg2.OperationalError, sqlalchemy.exc.OperationalError) as exc:
+        if "role" in str(exc) and "does not exist" in str(exc):  # the migrations create it: none ran yet
+            raise NoData(first_line(exc)) from None
         raise Unavailable(first_line(exc)) from None
 
 
