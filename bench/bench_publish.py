@@ -105,7 +105,7 @@ def staged_plan(settings, socket_dir: str, version: str) -> refresh.Plan:
 
 def mvcc_publish(settings, plan: refresh.Plan) -> dict:
     stats = similarity.RefreshStats()
-    refresh.finish_part(settings.db_url, plan, f"bench-{plan.version}", 0, 1, stats)
+    refresh.finish_part(settings.db_url, plan, f"bench-{plan.version}", 0, 1, stats, lists=len(plan.uids))
     assert stats.published and stats.rows_written >= stats.rows
     return {"locked": 0.0, "attempts": 1}
 

@@ -99,7 +99,7 @@ def child_main(stage: str, args: dict) -> dict:
             out["stage_s"] += time.perf_counter() - clock
             clock = time.perf_counter()
             stats = refresh.RefreshStats()
-            refresh.finish_part(settings.db_url, plan, "base", part, parts, stats)
+            refresh.finish_part(settings.db_url, plan, "base", part, parts, stats, lists=len(rows))
             out["publish_s"] += time.perf_counter() - clock
         out["rows"] = stats.rows
     elif stage == "read_floor":
@@ -143,7 +143,7 @@ def child_main(stage: str, args: dict) -> dict:
         sys.stdin.readline()
         out["publish_from"] = time.time()
         stats = refresh.RefreshStats()
-        refresh.finish_part(settings.db_url, plan, "held", 0, 1, stats)
+        refresh.finish_part(settings.db_url, plan, "held", 0, 1, stats, lists=len(lists.rows))
         out["publish_to"] = time.time()
         out["rows_written"] = stats.rows_written
     elif stage == "rebuild":
@@ -300,7 +300,7 @@ def run(args) -> dict:
         settings = settings_for(db_url, top_n=TOP_N)
         version = FeatureSpec.from_settings(settings).version
         with connect(socket_dir) as conn, conn.cursor() as cur:
-            cur.execute("DROP INDEX model_embeddings_hnsw_idx")  # built at the end, timed on its own
+            cur.execute("DROP INDEX IF EXISTS model_embeddings_hnsw_idx")  # built at the end, timed on its own
             cur.execute("SHOW shared_buffers")
             r["shared_buffers"] = cur.fetchone()[0]
         # Models: N with vectors, 2 x NEW more that get vectors later, NEW with a thumbnail but no

@@ -160,9 +160,9 @@ class LostStaging(RuntimeError):
 
 
 def finish_part(
-    db_url: str, plan: Plan, run_key: str, part: int, parts: int, stats: RefreshStats, lists: int = 0
+    db_url: str, plan: Plan, run_key: str, part: int, parts: int, stats: RefreshStats, *, lists: int
 ) -> None:
-    """Record this part as done (with how many lists it staged); the part that completes the run publishes.
+    """Record this part as done with the number of `lists` it staged; the part that completes the run publishes.
 
     Before publishing, the staged lists are counted against what the parts recorded: the staging
     tables are unlogged, so a server crash empties them while the (logged) part records survive,
