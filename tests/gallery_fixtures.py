@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 
 from fake_sketchfab import Catalog, start_server
 from sketchfab_similarity import crawl, features, similarity, thumbnails, vectors
@@ -23,6 +23,17 @@ class GalleryData:
     run_id: str
 
 
+def as_xcom(result):
+    """A stage's result as its task returns it (mapped tasks: a list of them)."""
+    return (
+        [asdict(r) for r in result]
+        if isinstance(result, list)
+        else asdict(result)
+        if is_dataclass(result)
+        else result
+    )
+
+
 def fill_database(settings_factory, n_models: int = 14) -> GalleryData:
     """Crawl, download, extract, load and refresh `n_models` models through the stage functions."""
     catalog = Catalog.generate(n_models, seed=11)
@@ -38,19 +49,17 @@ def fill_database(settings_factory, n_models: int = 14) -> GalleryData:
     loaded = vectors.load_vectors(settings, extracted.files)
     refreshed = similarity.refresh_similarity(settings)
     run_id = "manual__2026-01-02T03:04:05+00:00"
+    # The summary a run records: each stage's XCom (the dataclass as a dict) through run_counts, as
+    # summarize_run does, so the page shows what a real run records.
+    results = (crawled, [downloaded], [extracted], loaded, [refreshed])
+    feature_version, counts = runs.run_counts(dict(zip(runs.STAGES, map(as_xcom, results), strict=True)))
     runs.record_run(
         settings.db_url,
         dag_id="sketchfab_visual_similarity",
         run_id=run_id,
         run_type="manual",
         data_interval=(None, None),
-        feature_version=extracted.feature_version,
-        counts={
-            "crawl_models": {"upserted": crawled.upserted},
-            "download_thumbnails": {"fetched": downloaded.fetched, "failed": downloaded.failed},
-            "extract_features": {"extracted": extracted.extracted},
-            "load_vectors": {"loaded": loaded.loaded},
-            "refresh_similarity": {"rows": refreshed.rows},
-        },
+        feature_version=feature_version,
+        counts=counts,
     )
     return GalleryData(settings, catalog, evil.uid, wildcard.uid, run_id)

@@ -1,5 +1,11 @@
 """SIGKILL a stage's process mid-way, rerun, and compare every table and the store with a run that
-was never interrupted: identical (the store may keep a `.tmp` of the killed write; gc removes it)."""
+was never interrupted: identical, once storage gc has removed what the killed process left (the
+`.tmp` of a write cut short, the feature files of an extraction whose load never came).
+
+Crawl and download are killed from outside once their first work is committed (they write as they
+go); extraction, load, staging and publish kill themselves at an exact point (the child process
+wraps one function of the stage), so the test knows the kill fell inside the transaction or
+between the files it names."""
 
 from __future__ import annotations
 
@@ -20,19 +26,68 @@ from processes import kill_all
 from sketchfab_similarity import crawl, features, similarity, thumbnails, vectors
 from sketchfab_similarity.core import db
 from sketchfab_similarity.core.settings import Settings
-from sketchfab_similarity.core.store import ArtifactStore
+from sketchfab_similarity.core.store import FEATURE_KEY, ArtifactStore
+from sketchfab_similarity.thumbnails.gc import collect_garbage
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_SCRIPT = {
+STAGES = ["crawl", "download", "extract", "load", "refresh"]
+FEATURE_CHUNK = 24  # images per feature file in the killed process: 96 models make 4 files
+
+CHILD_PRELUDE = """
+import importlib, os, signal
+from sketchfab_similarity import crawl, features, similarity, thumbnails, vectors
+from sketchfab_similarity.core.settings import Settings
+s = Settings(**SETTINGS)
+features.extract.CHUNK_SIZE = FEATURE_CHUNK
+
+def kill_after(module, attribute, calls):
+    '''SIGKILL this process when the `calls`-th call of module.attribute returns.'''
+    owner = importlib.import_module(module)
+    *path, name = attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    real, seen = getattr(owner, name), []
+    def wrapper(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(1)
+        if len(seen) == calls:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    setattr(owner, name, wrapper)
+"""
+
+# What the killed process runs, by the stage it is killed in (work before that stage included).
+CHILD_SCRIPT = {
     "crawl": "crawl.crawl(s, crawl.CrawlWindow(), checkpoint_key='matrix')",
     "download": "thumbnails.download_thumbnails(s)",
+    # The first feature file is written, the second chunk is being extracted.
+    "extract": "kill_after('sketchfab_similarity.core.store', 'ArtifactStore.write_features', 1)\n"
+    "features.extract_features(s)",
+    # Inside the transaction of the second feature file: its rows are built, not yet committed.
+    "load": "r = features.extract_features(s)\n"
+    "kill_after('sketchfab_similarity.vectors.load', 'copy_rows', 2)\n"
+    "vectors.load_vectors(s, r.files, remove_loaded=True)",
+    # A refresh over the first feature file's vectors staged its lists and died before publishing;
+    # the rerun sees more vectors, so its plan differs and the abandoned staging must not leak in.
+    "stage": "r = features.extract_features(s)\n"
+    "vectors.load_vectors(s, sorted(r.files)[:1])\n"
+    "kill_after('sketchfab_similarity.similarity.refresh', 'write_staging', 1)\n"
+    "similarity.refresh_similarity(s)",
+    # Every statement of the publish transaction has run; the commit has not.
+    "publish": "r = features.extract_features(s)\n"
+    "vectors.load_vectors(s, r.files, remove_loaded=True)\n"
+    "kill_after('sketchfab_similarity.similarity.publish', 'publish', 1)\n"
+    "similarity.refresh_similarity(s)",
 }
-KILL_WHEN = {  # the stage has committed some of its work, not all
+KILL_WHEN = {  # crawl and download are killed from outside once some, not all, of their work is committed
     "crawl": "SELECT pages >= 1 FROM crawl_runs WHERE run_key = 'matrix'",
     "download": "SELECT count(*) >= 1 FROM model_thumbnails",
 }
+RERUN_FROM = {"crawl": "crawl", "download": "download", "extract": "extract", "load": "load",
+              "stage": "load", "publish": "refresh"}  # fmt: skip
+DONE_BEFORE = {"crawl": [], "download": ["crawl"]}  # the rest: crawl and download
 
 
 def checksum(settings: Settings) -> dict[str, object]:
@@ -43,32 +98,43 @@ def checksum(settings: Settings) -> dict[str, object]:
         "FROM model_thumbnails ORDER BY uid",
         "vectors": "SELECT uid, embedding::text, feature_version, content_hash FROM model_embeddings ORDER BY uid",
         "similarity": "SELECT * FROM model_similarity ORDER BY uid, rank",
+        "members": "SELECT * FROM similarity_members ORDER BY uid",
+        "published": "SELECT value FROM pipeline_state WHERE name = 'similarity'",
+        "leftovers": "SELECT (SELECT count(*) FROM similarity_staging), (SELECT count(*) FROM "
+        "similarity_staging_lists), (SELECT count(*) FROM similarity_parts)",
         "rejects": "SELECT raw::text, reason FROM crawl_rejects ORDER BY 1, 2",
     }
     out: dict[str, object] = {name: query(settings.db_url, sql) for name, sql in tables.items()}
+    collect_garbage(settings, dry_run=False, min_age_s=0)
     store = ArtifactStore(settings.thumbnail_store)
-    out["store"] = sorted(
-        (f.key, hashlib.sha256(store.get(f.key)).hexdigest())
-        for f in store.files()
-        if not f.key.endswith(".tmp") and not f.key.startswith("features/")
-    )
+    out["store"] = sorted((f.key, hashlib.sha256(store.get(f.key)).hexdigest()) for f in store.files())
     return out
 
 
+def run_stage(settings: Settings, stage: str, extracted: list[str] | None = None) -> list[str] | None:
+    """One stage as a run does it; returns the feature files an extraction wrote. A load retry gets
+    the keys its XCom holds: given none, every feature file in the store."""
+    if stage == "crawl":
+        crawl.crawl(settings, crawl.CrawlWindow(), checkpoint_key="matrix")
+    elif stage == "download":
+        thumbnails.download_thumbnails(settings)
+    elif stage == "extract":
+        return features.extract_features(settings).files
+    elif stage == "load":
+        if extracted is None:
+            store = ArtifactStore(settings.thumbnail_store)
+            extracted = [f.key for f in store.files() if FEATURE_KEY.fullmatch(f.key)]
+        vectors.load_vectors(settings, extracted, remove_loaded=True)
+    else:
+        similarity.refresh_similarity(settings)
+    return None
+
+
 def run_rest(settings: Settings, after: str) -> None:
-    stages = ["crawl", "download", "extract", "load", "refresh"]
+    """Every stage from `after` on."""
     extracted = None
-    for stage in stages[stages.index(after) :]:
-        if stage == "crawl":
-            crawl.crawl(settings, crawl.CrawlWindow(), checkpoint_key="matrix")
-        elif stage == "download":
-            thumbnails.download_thumbnails(settings)
-        elif stage == "extract":
-            extracted = features.extract_features(settings)
-        elif stage == "load":
-            vectors.load_vectors(settings, extracted.files, remove_loaded=True)
-        else:
-            similarity.refresh_similarity(settings)
+    for stage in STAGES[STAGES.index(after) :]:
+        extracted = run_stage(settings, stage, extracted)
 
 
 def settings_on(pg_uri: str, name: str, tmp_path: Path, server) -> Settings:
@@ -86,35 +152,60 @@ def settings_on(pg_uri: str, name: str, tmp_path: Path, server) -> Settings:
     )
 
 
-@pytest.mark.parametrize("stage", ["crawl", "download"])
-def test_a_stage_killed_mid_way_and_rerun_ends_identical_to_an_uninterrupted_run(pg_uri, tmp_path, stage):
-    catalog = Catalog.generate(96, seed=50)
-    with start_server(catalog, faults=FaultConfig(latency_ms=120)) as server:
-        reference = settings_on(pg_uri, f"matrix_ref_{stage}", tmp_path, server)
-        run_rest(reference, "crawl")
-        victim = settings_on(pg_uri, f"matrix_kill_{stage}", tmp_path, server)
-        if stage == "download":
-            crawl.crawl(victim, crawl.CrawlWindow(), checkpoint_key="matrix")
-        script = (
-            "from sketchfab_similarity import crawl, thumbnails\n"
-            "from sketchfab_similarity.core.settings import Settings\n"
-            f"s = Settings(**{ {k: getattr(victim, k) for k in ('db_url', 'api_base_url', 'thumbnail_store', 'thumbnail_hosts', 'vgg16_weights', 'input_size', 'top_n', 'download_workers')}!r})\n"
-            + STAGE_SCRIPT[stage]
+def start_child(victim: Settings, stage: str) -> subprocess.Popen:
+    fields = ("db_url", "api_base_url", "thumbnail_store", "thumbnail_hosts", "vgg16_weights", "input_size",
+              "top_n", "download_workers")  # fmt: skip
+    script = (
+        CHILD_PRELUDE.replace("SETTINGS", repr({k: getattr(victim, k) for k in fields})).replace(
+            "FEATURE_CHUNK", str(FEATURE_CHUNK)
         )
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT / "tools")])}
-        proc = subprocess.Popen([sys.executable, "-c", script], env=env)
-        try:
-            while proc.poll() is None:
-                rows = query(victim.db_url, KILL_WHEN[stage])
-                if rows and rows[0][0]:
-                    break
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=0.05)  # returns early if the process ends
-            assert proc.poll() is None, "the stage finished before it could be killed mid-way"
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                kill_all([psutil.Process(proc.pid)])
-        run_rest(victim, stage)
-    assert checksum(victim) == checksum(reference)
+        + CHILD_SCRIPT[stage]
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT / "tools")])}
+    return subprocess.Popen([sys.executable, "-c", script], env=env)
+
+
+def kill_when_committed(proc: subprocess.Popen, victim: Settings, stage: str) -> None:
+    while proc.poll() is None:
+        rows = query(victim.db_url, KILL_WHEN[stage])
+        if rows and rows[0][0]:
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)  # returns early if the process ends
+    assert proc.poll() is None, "the stage finished before it could be killed mid-way"
+    proc.send_signal(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pg_uri, tmp_path_factory):
+    """One server for every case, and the checksum of a run that was never interrupted."""
+    with start_server(Catalog.generate(96, seed=50)) as server:
+        reference = settings_on(pg_uri, "matrix_reference", tmp_path_factory.mktemp("matrix"), server)
+        run_rest(reference, "crawl")
+        yield server, checksum(reference)
+
+
+@pytest.mark.parametrize("stage", list(CHILD_SCRIPT))
+def test_a_stage_killed_mid_way_and_rerun_ends_identical_to_an_uninterrupted_run(
+    uninterrupted, pg_uri, tmp_path, stage
+):
+    server, expected = uninterrupted
+    victim = settings_on(pg_uri, f"matrix_kill_{stage}", tmp_path, server)
+    for before in DONE_BEFORE.get(stage, ["crawl", "download"]):
+        run_stage(victim, before)
+    if stage in KILL_WHEN:  # slow answers, so the kill falls between the first commit and the last
+        server.set_faults(FaultConfig(latency_ms=120))
+    proc = start_child(victim, stage)
+    try:
+        if stage in KILL_WHEN:
+            kill_when_committed(proc, victim, stage)
+        proc.wait(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (
+            f"the {stage} process was not killed (exit {proc.returncode})"
+        )
+    finally:
+        server.set_faults(FaultConfig())
+        if proc.poll() is None:
+            kill_all([psutil.Process(proc.pid)])
+    run_rest(victim, RERUN_FROM[stage])
+    assert checksum(victim) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from gallery_fixtures import EVIL_NAME, EVIL_VIEWER_URL, WILDCARD_NAME, fill_database
 from helpers import query
+from sketchfab_similarity.core.runs import STAGES
 from sketchfab_similarity.core.settings import Settings
 from sketchfab_similarity.gallery.app import create_app, render_html
 
@@ -53,26 +55,43 @@ def client(data) -> TestClient:
     return TestClient(create_app(lambda: data.settings), follow_redirects=False)
 
 
+def latest_run_counts(html: str) -> dict[str, dict[str, str]]:
+    """The home page's "Latest run" table: {task: {count: value as shown}}."""
+    rows = re.findall(r"<tr><td>([a-z_]+)</td><td>(.*?)</td></tr>", html)
+    return {task: dict(pair.split("=", 1) for pair in cells.split(", ") if pair) for task, cells in rows}
+
+
 def test_home_shows_the_overview_of_tables_and_latest_run(client, data):
     resp = client.get("/")
     assert resp.status_code == 200
     page = Page(resp.text)
     page.assert_inert()
-    models, ok, failed, vectors = query(
+    models, ok, failed, vectors, rows = query(
         data.settings.db_url,
         "SELECT (SELECT count(*) FROM sketchfab_models), "
         "(SELECT count(*) FROM model_thumbnails WHERE status = 'ok'), "
         "(SELECT count(*) FROM model_thumbnails WHERE status = 'failed'), "
-        "(SELECT count(*) FROM model_embeddings)",
+        "(SELECT count(*) FROM model_embeddings), (SELECT count(*) FROM model_similarity)",
     )[0]
-    text = " ".join(page.text)
-    assert f"{models} models" in " ".join(text.split())
-    assert f"{ok} thumbnails ok" in " ".join(text.split())
-    assert f"{failed} thumbnails failed" in " ".join(text.split())
-    assert f"{vectors} vectors" in " ".join(text.split())
-    assert data.run_id in text
+    text = " ".join(" ".join(page.text).split())
+    assert f"{models} models" in text
+    assert f"{ok} thumbnails ok" in text
+    assert f"{failed} thumbnails failed" in text
+    assert f"{vectors} vectors" in text
+    (run_id,) = query(data.settings.db_url, "SELECT run_id FROM pipeline_runs")[0]
+    assert run_id in text
     (version,) = query(data.settings.db_url, "SELECT DISTINCT feature_version FROM model_similarity")[0]
     assert version in text
+    # The latest run's counts, as the run recorded them, agree with what the tables hold.
+    shown = latest_run_counts(resp.text)
+    assert list(shown) == list(STAGES)
+    assert shown["crawl_models"]["upserted"] == str(models)
+    assert shown["download_thumbnails"]["fetched"] == str(ok)
+    assert shown["download_thumbnails"]["failed"] == str(failed)
+    assert shown["extract_features"]["extracted"] == str(vectors)
+    assert shown["load_vectors"]["loaded"] == str(vectors)
+    assert shown["refresh_similarity"]["rows"] == str(rows)
+    assert shown["refresh_similarity"]["published"] == "True"
 
 
 def test_model_page_shows_the_same_top_k_as_similar_models(client, data):
