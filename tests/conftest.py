@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 # Airflow reads its home at import time: keep tests away from ~/airflow.
@@ -88,6 +92,52 @@ def no_processes_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
         processes.kill_all(left)
         request.config.stash.setdefault(_LEFT_BEHIND, []).append(f"{request.node.nodeid}:\n{listing}")
         pytest.fail(f"the test left processes running (now killed):\n{listing}", pytrace=False)
+
+
+def listening_sockets() -> list[str]:
+    """Addresses this process listens on (the embedded Postgres is another process)."""
+    return [
+        f"{c.laddr.ip}:{c.laddr.port}"
+        for c in psutil.Process().net_connections("inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+
+
+HEAVY_MODULES = ("tensorflow", "keras", "airflow.models", "selenium")
+"""Imports that make a test slow: a test that brings one in must be marked integration."""
+
+
+@pytest.fixture(autouse=True)
+def integration_marker_is_honest(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """A test without the `integration` marker starts no process, listens on no socket, uses no
+    database and imports nothing heavy, so `make test-fast` is what it says."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    used: list[str] = []
+    if "pg_uri" in request.fixturenames:
+        used.append("the embedded Postgres (fixture pg_uri)")
+    real_execute_child, real_listen = subprocess.Popen._execute_child, socket.socket.listen
+
+    def execute_child(self, args, *rest, **kwargs):
+        used.append(f"a subprocess ({args if isinstance(args, str) else ' '.join(map(str, args))[:80]})")
+        return real_execute_child(self, args, *rest, **kwargs)
+
+    def listen(self, *args):
+        used.append(f"a listening socket ({self.getsockname()})")
+        return real_listen(self, *args)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", execute_child)
+    monkeypatch.setattr(socket.socket, "listen", listen)
+    before = {name for name in HEAVY_MODULES if name in sys.modules}
+    if listening_sockets():  # a server started by a fixture of a wider scope
+        used.append(f"a server its fixtures started (listening on {listening_sockets()})")
+    yield
+    used += [f"an import of {name}" for name in HEAVY_MODULES if name in sys.modules and name not in before]
+    if used:
+        pytest.fail(f"not marked integration, but uses {'; '.join(used)}", pytrace=False)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "plugins" / "sketchfab_similarity"
 MAX_LINES = 350
@@ -26,12 +28,14 @@ def lint_imports(plugins_dir: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.integration
 def test_import_contracts_hold():
     result = lint_imports(ROOT / "plugins")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
 
 
+@pytest.mark.integration
 def test_a_stage_importing_another_stage_breaks_the_contracts(tmp_path):
     copy = tmp_path / "plugins"
     shutil.copytree(PACKAGE, copy / "sketchfab_similarity", ignore=shutil.ignore_patterns("__pycache__"))

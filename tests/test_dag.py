@@ -11,6 +11,8 @@ from fake_sketchfab import Catalog, start_server
 from helpers import assert_similarity_is_exact, query
 from sqlalchemy.engine import make_url
 
+pytestmark = pytest.mark.integration  # Airflow or Keras
+
 CONTRACT_TASKS = [
     "crawl_models",
     "download_thumbnails",
@@ -257,7 +259,6 @@ def snapshot(db_url: str) -> dict[str, list[tuple]]:
     }
 
 
-@pytest.mark.integration
 def test_whole_dag_through_airflow_twice(fresh_db, tmp_path):
     catalog = Catalog.generate(30, seed=7)
     with start_server(catalog) as server:
@@ -303,7 +304,6 @@ def test_whole_dag_through_airflow_twice(fresh_db, tmp_path):
         assert latest["crawl_models"]["upserted"] == 30 and latest["crawl_models"]["deleted"] == 0
 
 
-@pytest.mark.integration
 def test_runs_that_misspell_a_param_or_achieve_nothing_fail(fresh_db, tmp_path):
     """A typo in the conf fails the run before any stage; a run whose every download fails (a host
     outside the allow-list) fails in summarize_run with the counts, after recording them."""

@@ -145,6 +145,7 @@ def test_run_summary_is_replaced_by_a_rerun(fresh_db):
     assert latest == "manual_1"
 
 
+@pytest.mark.integration  # imports Airflow
 def test_unknown_conf_keys_fail_the_run_with_the_valid_names():
     from airflow.sdk.exceptions import AirflowFailException
 

@@ -32,6 +32,7 @@ def pipeline_dag_module():
     return module
 
 
+@pytest.mark.integration  # imports Airflow
 def test_evaluation_dag_is_scheduled_on_the_similarity_asset():
     from airflow.sdk import Asset
 

@@ -100,6 +100,7 @@ def test_timeline_is_newest_first_about_seven_minutes_apart(catalog: Catalog) ->
     assert published[0] <= datetime(2026, 11, 27, 12, 0)
 
 
+@pytest.mark.integration
 def test_model_objects_follow_the_api_doc(server: RunningServer, catalog: Catalog) -> None:
     results = get(f"{server.api_base_url}/v3/models").json()["results"]
     assert len(results) == 24
@@ -127,6 +128,7 @@ def test_model_objects_follow_the_api_doc(server: RunningServer, catalog: Catalo
     assert len({tuple(i["width"] for i in d["thumbnails"]["images"]) for d in results}) > 1, "order shuffled"
 
 
+@pytest.mark.integration
 def test_pagination_visits_every_model_once(server: RunningServer, catalog: Catalog) -> None:
     pages = crawl(server, count=10)
     assert uids_of(pages) == [m.uid for m in catalog.models]
@@ -142,12 +144,14 @@ def test_pagination_visits_every_model_once(server: RunningServer, catalog: Cata
     assert back["results"] == pages[0]["results"]
 
 
+@pytest.mark.integration
 def test_count_is_clamped_to_24(server: RunningServer) -> None:
     assert len(get(f"{server.api_base_url}/v3/models", count=100).json()["results"]) == 24
     assert len(get(f"{server.api_base_url}/v3/models").json()["results"]) == 24
     assert len(get(f"{server.api_base_url}/v3/models", count=3).json()["results"]) == 3
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("sort_by", "field"),
     [
@@ -164,6 +168,7 @@ def test_sort_orders(server: RunningServer, catalog: Catalog, sort_by: str, fiel
     assert sorted(uids_of(pages)) == sorted(m.uid for m in catalog.models)
 
 
+@pytest.mark.integration
 def test_filters(server: RunningServer, catalog: Catalog) -> None:
     def listed(**params: Any) -> set[str]:
         return set(uids_of(crawl(server, **params)))
@@ -187,6 +192,7 @@ def test_filters(server: RunningServer, catalog: Catalog) -> None:
         assert get(f"{server.api_base_url}/v3/models", **bad).status_code == 400
 
 
+@pytest.mark.integration
 def test_detail_and_not_found(server: RunningServer, catalog: Catalog) -> None:
     model = catalog.models[3]
     response = get(f"{server.api_base_url}/v3/models/{model.uid}")
@@ -199,6 +205,7 @@ def test_detail_and_not_found(server: RunningServer, catalog: Catalog) -> None:
         assert response.headers[name].isdigit()
 
 
+@pytest.mark.integration
 def test_thumbnails_decode_as_jpeg_at_listed_sizes(server: RunningServer, catalog: Catalog) -> None:
     for model in catalog.models[:2]:
         data = get(f"{server.api_base_url}/v3/models/{model.uid}").json()
@@ -245,6 +252,7 @@ def test_classes_have_distinct_silhouettes() -> None:
     assert all(np.abs(a - b).mean() > 3 for i, a in enumerate(images) for b in images[i + 1 :])
 
 
+@pytest.mark.integration
 def test_publish_mid_crawl_shifts_pages() -> None:
     catalog = Catalog.generate(50, seed=1)
     original = [m.uid for m in catalog.models]
@@ -266,6 +274,7 @@ def test_publish_mid_crawl_shifts_pages() -> None:
         assert datetime.fromisoformat(head[2]["publishedAt"]) > newest_original
 
 
+@pytest.mark.integration
 def test_remove_hides_a_model() -> None:
     catalog = Catalog.generate(30, seed=2)
     gone = catalog.models[4]
@@ -278,6 +287,7 @@ def test_remove_hides_a_model() -> None:
         assert catalog.by_uid[gone.uid].shape_class in SHAPE_CLASSES
 
 
+@pytest.mark.integration
 def test_token_is_checked_and_counted(catalog: Catalog) -> None:
     with start_server(catalog, token="s3cret") as srv:
         url = f"{srv.api_base_url}/v3/models"
@@ -291,6 +301,7 @@ def test_token_is_checked_and_counted(catalog: Catalog) -> None:
         assert srv.stats.snapshot() == {"list 200": 2, "list 401": 1}
 
 
+@pytest.mark.integration
 def test_rate_limit_bursts(catalog: Catalog) -> None:
     faults = FaultConfig(rate_limit_every=3, rate_limit_burst=2, retry_after_s=0)
     with start_server(catalog, faults=faults) as srv:
@@ -302,6 +313,7 @@ def test_rate_limit_bursts(catalog: Catalog) -> None:
         assert get(f"{srv.api_base_url}/v3/models", count=1).status_code == 200
 
 
+@pytest.mark.integration
 def test_rate_limit_per_minute(catalog: Catalog) -> None:
     with start_server(catalog, faults=FaultConfig(rate_limit_per_minute=3)) as srv:
         responses = [get(f"{srv.api_base_url}/v3/models/{catalog.models[0].uid}") for _ in range(4)]
@@ -310,6 +322,7 @@ def test_rate_limit_per_minute(catalog: Catalog) -> None:
         assert 1 <= int(responses[-1].headers["Retry-After"]) <= 60
 
 
+@pytest.mark.integration
 def test_server_errors_follow_a_deterministic_pattern(catalog: Catalog) -> None:
     with start_server(catalog, faults=FaultConfig(server_error_rate=0.25)) as srv:
         statuses = [get(f"{srv.api_base_url}/v3/models", count=1).status_code for _ in range(12)]
@@ -318,6 +331,7 @@ def test_server_errors_follow_a_deterministic_pattern(catalog: Catalog) -> None:
         assert {statuses[i - 1] for i in failed} == {500, 502, 503}
 
 
+@pytest.mark.integration
 def test_html_200_every_nth_page(catalog: Catalog) -> None:
     with start_server(catalog, faults=FaultConfig(html_200_every=2)) as srv:
         responses = [get(f"{srv.api_base_url}/v3/models", count=1) for _ in range(4)]
@@ -328,6 +342,7 @@ def test_html_200_every_nth_page(catalog: Catalog) -> None:
             responses[1].json()
 
 
+@pytest.mark.integration
 def test_shift_on_page_publishes_once(catalog: Catalog) -> None:
     own = Catalog.generate(50, seed=4)
     with start_server(own, faults=FaultConfig(shift_on_page=2, shift_publish=4)) as srv:
@@ -338,6 +353,7 @@ def test_shift_on_page_publishes_once(catalog: Catalog) -> None:
         assert len(again) == len(set(again)) == 54
 
 
+@pytest.mark.integration
 def test_offsite_next_on_page(catalog: Catalog) -> None:
     with start_server(catalog, faults=FaultConfig(offsite_next_on_page=2)) as srv:
         first = get(f"{srv.api_base_url}/v3/models", count=10).json()
@@ -347,6 +363,7 @@ def test_offsite_next_on_page(catalog: Catalog) -> None:
         assert parse_qs(urlsplit(second["next"]).query)["cursor"] == [second["cursors"]["next"]]
 
 
+@pytest.mark.integration
 def test_latency_is_added(catalog: Catalog, monkeypatch) -> None:
     from fake_sketchfab import server as server_module
 
@@ -357,6 +374,7 @@ def test_latency_is_added(catalog: Catalog, monkeypatch) -> None:
     assert 0.05 in slept
 
 
+@pytest.mark.integration
 def test_broken_thumbnails_fail_as_labelled() -> None:
     catalog = Catalog.generate(40, seed=2, faults=FaultConfig(broken_thumbnails=True))
     by_fault = {m.thumbnail_fault: m for m in catalog.models}
@@ -408,6 +426,7 @@ def test_broken_thumbnails_fail_as_labelled() -> None:
     assert explicit.by_uid[uid].thumbnail_fault is ThumbnailFault.ZERO_BYTES
 
 
+@pytest.mark.integration
 def test_disappearing_models_are_listed_but_404() -> None:
     catalog = Catalog.generate(30, seed=5, faults=FaultConfig(disappearing_models=2))
     assert len(catalog.disappearing_uids) == 2
@@ -421,6 +440,7 @@ def test_disappearing_models_are_listed_but_404() -> None:
         assert get(f"{srv.api_base_url}/v3/models/{live}").status_code == 404
 
 
+@pytest.mark.integration
 def test_bad_records_are_listed_with_honest_verdicts() -> None:
     catalog = Catalog.generate(40, seed=6, faults=FaultConfig(bad_records=True))
 
@@ -460,6 +480,7 @@ def test_fault_config_parse() -> None:
         FaultConfig.parse("no_such_fault=1")
 
 
+@pytest.mark.integration
 def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
     tools = str(Path(__file__).resolve().parents[1] / "tools")
@@ -489,6 +510,7 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     assert f"api_base_url={info['api_base_url']}" in out and "media_host=localhost" in out
 
 
+@pytest.mark.integration
 def test_rate_limit_window_is_configurable_and_reset_is_not_early(catalog: Catalog) -> None:
     faults = FaultConfig(rate_limit_per_minute=2, rate_limit_window_s=0.5)
     with start_server(catalog, faults=faults) as srv:
@@ -501,6 +523,7 @@ def test_rate_limit_window_is_configurable_and_reset_is_not_early(catalog: Catal
         assert get(url).status_code == 200
 
 
+@pytest.mark.integration
 def test_list_outage_after_n_listing_requests(catalog: Catalog) -> None:
     with start_server(catalog, faults=FaultConfig(list_outage_after=2)) as srv:
         statuses = [get(f"{srv.api_base_url}/v3/models", count=1).status_code for _ in range(4)]
@@ -510,6 +533,7 @@ def test_list_outage_after_n_listing_requests(catalog: Catalog) -> None:
         assert get(f"{srv.api_base_url}/v3/models", count=1).status_code == 200
 
 
+@pytest.mark.integration
 def test_media_errors_redirects_and_served_bodies(catalog: Catalog) -> None:
     model = catalog.models[0]
     thumb = f"/media/models/{model.uid}/thumbnails/256x144.jpeg"

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
+pytestmark = pytest.mark.integration  # imports Airflow
+
 
 @pytest.fixture
 def plugin(monkeypatch):

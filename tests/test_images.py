@@ -79,6 +79,7 @@ def photo_like(width, height):
     return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["squash", "center_crop"])
 @pytest.mark.parametrize("interpolation", sorted(INTERPOLATIONS))
 def test_resize_is_pixel_for_pixel_load_img(tmp_path, mode, interpolation):

@@ -71,6 +71,7 @@ def test_extras_reach_libpq_as_postgres_hook_passes_them():
     assert connect_args(db_url_from_connection(c)) == expected
 
 
+@pytest.mark.integration  # imports Airflow
 def test_connect_args_match_the_postgres_providers_hook():
     """Same keywords as PostgresHook.get_conn() hands psycopg2, for the same connection."""
     from airflow.models import Connection

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from sketchfab_similarity.similarity import topn, topn_keras
 
+pytestmark = pytest.mark.integration  # Airflow or Keras
+
 
 def unit(rows):
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
