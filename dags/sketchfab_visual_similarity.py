@@ -221,7 +221,15 @@ def sketchfab_visual_similarity():
     loaded >> refreshed
     # --- end of refresh_similarity -----------------------------------------------------------
 
-    summarize_run(crawled, downloaded, extracted, loaded, refreshed)
+    summary = summarize_run(crawled, downloaded, extracted, loaded, refreshed)
+
+    @task
+    def collect_garbage() -> dict:
+        """Removes (or, in `dry-run`, lists) store files nothing needs, older than a day; skipped
+        unless the Variable `similarity_storage_gc` turns it on."""
+        return tasks.collect_garbage(get_current_context())
+
+    summary >> collect_garbage()
 
 
 sketchfab_visual_similarity()

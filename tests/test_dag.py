@@ -51,6 +51,9 @@ def test_contract_tasks_exist_in_order():
         )
     first = [t.task_id for t in dag.tasks if not t.upstream_task_ids]
     assert first == ["start_run"], "every run starts by waiting for its turn"
+    last = [t.task_id for t in dag.tasks if not t.downstream_task_ids]
+    assert last == ["collect_garbage"], "storage gc (optional) runs after the run is summarised"
+    assert dag.get_task("collect_garbage").upstream_task_ids == {"summarize_run"}
 
 
 def test_downloads_and_extraction_fan_out_over_shards():

@@ -116,3 +116,27 @@ def test_loaded_feature_files_are_removed_and_bad_keys_refused_unread(make_setti
     assert all("not a feature-file key" in r for r in stats.failed_files.values())
     assert not any(store.fs.exists(store.path(k)) for k in keys)
     assert query(settings.db_url, "SELECT count(*) FROM model_embeddings")[0][0] == 4
+
+
+@pytest.mark.parametrize("mode", ["off", "dry-run", "delete"])
+def test_the_dag_task_follows_the_storage_gc_variable(make_settings, monkeypatch, mode):
+    from airflow.sdk.exceptions import AirflowSkipException
+    from sketchfab_similarity import tasks
+
+    settings = make_settings(storage_gc=mode, storage_gc_min_age_hours=2)
+    monkeypatch.setattr(tasks, "settings_for", lambda context: settings)
+    store = ArtifactStore(settings.thumbnail_store)
+    kept, orphan, young = (thumbnail(store, bytes([i]) * 100) for i in range(3))
+    add_model(settings.db_url, "a" * 32, kept)
+    age(store, kept, 3 * 3600)
+    age(store, orphan, 3 * 3600)
+    age(store, young, 3600)  # younger than the minimum age: never touched
+    if mode == "off":
+        with pytest.raises(AirflowSkipException, match="similarity_storage_gc"):
+            tasks.collect_garbage({})
+        result = None
+    else:
+        result = tasks.collect_garbage({})
+        assert result["orphan_thumbnails"] == 1 and result["dry_run"] == (mode == "dry-run")
+    left = {f.key for f in store.files()}
+    assert left == ({kept, young} if mode == "delete" else {kept, orphan, young}), result

@@ -20,6 +20,7 @@ from .core import db, runs
 from .core.featurespec import FeatureSpec
 from .core.settings import DB_CONN_ID, Settings, describe, settings_from_airflow
 from .core.sharding import WHOLE, Shard
+from .thumbnails import gc
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,31 @@ def summarize_run(context: dict[str, Any], results: Mapping[str, Any]) -> dict[s
             f"{settings.failure_min_items}; Variables similarity_failure_max_share/_min_items)"
         )
     return {"run_id": dag_run.run_id, "feature_version": feature_version, **counts}
+
+
+def collect_garbage(context: dict[str, Any]) -> dict[str, Any]:
+    """Storage garbage collection after a run, as the Variable `similarity_storage_gc` says:
+    skipped (`off`, the default), listed in the log (`dry-run`) or removed (`delete`)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    settings = settings_for(context)
+    if settings.storage_gc == "off":
+        raise AirflowSkipException("storage garbage collection is off (Variable similarity_storage_gc)")
+    report = gc.collect_garbage(
+        settings, dry_run=settings.storage_gc == "dry-run", min_age_s=settings.storage_gc_min_age_hours * 3600
+    )
+    for kind, keys in (("orphan thumbnail", report.orphan_thumbnails), ("temporary file", report.temporary_files),
+                       ("feature file", report.feature_files)):  # fmt: skip
+        for key in keys:
+            log.info("%s %s: %s", "would remove" if report.dry_run else "removed", kind, key)
+    return {
+        "dry_run": report.dry_run,
+        "orphan_thumbnails": len(report.orphan_thumbnails),
+        "temporary_files": len(report.temporary_files),
+        "feature_files": len(report.feature_files),
+        "bytes": report.bytes,
+        "removed": report.removed,
+    }
 
 
 def evaluate_similarity(context: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*(@)")
 ALLOWED_LAYERS = ("block4_conv1", "block4_conv2", "block4_conv3", "block4_pool",
                   "block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")  # fmt: skip
 POOLINGS = ("avg", "max")
+STORAGE_GC_MODES = ("off", "dry-run", "delete")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 # How a setting reaches a deployment.
@@ -534,6 +535,20 @@ class Settings:
         "small run with one bad record is not a failed run).",
         read=TASK,
         minimum=1,
+    )
+    storage_gc: str = setting(
+        "off",
+        "The `collect_garbage` task at the end of each run: `off`, `dry-run` (logs what it would "
+        "remove) or `delete`: thumbnails no row references, `.tmp` files of crashed writes, feature "
+        "files of failed loads. It lists the whole store, so its cost grows with the store, not the run.",
+        read=TASK,
+        choices=STORAGE_GC_MODES,
+    )
+    storage_gc_min_age_hours: float = setting(
+        24.0,
+        "`collect_garbage` leaves files younger than this alone (a download or extraction in flight).",
+        read=TASK,
+        minimum=1.0,
     )
     # Evaluation (DAG sketchfab_similarity_evaluation, `python -m sketchfab_similarity.evaluation`).
     evaluation_sample_size: int = setting(
