@@ -10,7 +10,7 @@ import devenv
 import pytest
 from fastapi.testclient import TestClient
 from gallery_fixtures import EVIL_NAME, EVIL_VIEWER_URL, WILDCARD_NAME, fill_database
-from helpers import query
+from helpers import execute, query
 from sketchfab_similarity.core.runs import STAGES
 from sketchfab_similarity.core.settings import Settings
 from sketchfab_similarity.gallery.app import create_app, render_html
@@ -115,6 +115,14 @@ def test_search_by_name_uid_and_literal_wildcards(client, data):
     resp = client.get("/search", params={"q": part})
     assert resp.status_code == 200
     assert target.uid in [f["data-uid"] for f in Page(resp.text).all("figure")]
+    execute(
+        data.settings.db_url, "UPDATE sketchfab_models SET deleted_at = now() WHERE uid = %s", (target.uid,)
+    )
+    resp = client.get("/search", params={"q": part})
+    assert target.uid not in [f["data-uid"] for f in Page(resp.text).all("figure")], "deleted on Sketchfab"
+    execute(
+        data.settings.db_url, "UPDATE sketchfab_models SET deleted_at = NULL WHERE uid = %s", (target.uid,)
+    )
 
     resp = client.get("/search", params={"q": target.uid.upper()})
     assert resp.status_code == 303 and resp.headers["location"] == f"/models/{target.uid}"

@@ -250,6 +250,13 @@ def test_sql_functions_and_view(make_settings):
         == []
     )
 
+    # A model found deleted on Sketchfab leaves the answers at once (its list entries go at the
+    # next refresh); the list stays k long.
+    execute(settings.db_url, "UPDATE sketchfab_models SET deleted_at = now() WHERE uid = %s", (listed[0][0],))
+    got = query(settings.db_url, "SELECT rank, uid FROM similar_models(%s, 3)", (uid,))
+    assert got == [(1, listed[1][0]), (2, listed[2][0]), (3, listed[3][0])]
+    execute(settings.db_url, "UPDATE sketchfab_models SET deleted_at = NULL WHERE uid = %s", (listed[0][0],))
+
     # A model that has a vector but no list yet is answered from the index.
     execute(settings.db_url, "DELETE FROM model_similarity WHERE uid = %s", (uid,))
     fallback = query(settings.db_url, "SELECT uid FROM similar_models(%s, 3)", (uid,))

@@ -117,7 +117,7 @@ def search_models(db_url: str, text: str, limit: int = SEARCH_LIMIT) -> list[Mod
         """
         SELECT m.uid, m.name, m.author, m.published_at, m.like_count, m.viewer_url, t.stored_path
         FROM sketchfab_models m LEFT JOIN model_thumbnails t ON t.uid = m.uid AND t.status = 'ok'
-        WHERE m.name ILIKE %(contains)s
+        WHERE m.name ILIKE %(contains)s AND m.deleted_at IS NULL
         ORDER BY lower(m.name) = lower(%(text)s) DESC, m.name ILIKE %(prefix)s DESC, m.published_at DESC, m.uid
         LIMIT %(limit)s
         """,
