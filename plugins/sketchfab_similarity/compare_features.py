@@ -7,25 +7,18 @@ the evaluation stage itself needs no other stage. Prints a Markdown table and th
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 from pathlib import Path
 
+from .core.cli import command_parser, parse
 from .core.settings import Settings
-from .evaluation.__main__ import sqlalchemy_url
 from .evaluation.compare import compare_features, format_table, winner
 from .features.vgg16 import load_vgg16
 
 
 def main(argv: list[str] | None = None) -> None:
     defaults = Settings()
-    parser = argparse.ArgumentParser(
-        prog="python -m sketchfab_similarity.compare_features", description=__doc__
-    )
-    parser.add_argument("--db-url", default=os.environ.get("SIMILARITY_DB_URI", ""), help="Postgres URI")
-    parser.add_argument("--thumbnail-store", default=defaults.thumbnail_store)
+    parser = command_parser("python -m sketchfab_similarity.compare_features", __doc__)
     parser.add_argument(
         "--weights", default=defaults.vgg16_weights, help="imagenet | weights file path | random"
     )
@@ -33,12 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-size", type=int, default=400, help="thumbnails compared (seeded sample)")
     parser.add_argument("--seed", type=int, default=defaults.evaluation_seed)
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
-    args = parser.parse_args(argv)
-    if not args.db_url:
-        parser.error("--db-url (or SIMILARITY_DB_URI) is required")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse(parser, argv)
     settings = Settings(
-        db_url=sqlalchemy_url(args.db_url),
+        db_url=args.db_url,
         thumbnail_store=args.thumbnail_store,
         vgg16_weights=args.weights,
         input_size=args.input_size,

@@ -13,11 +13,11 @@ Other files are never touched. A dry run (the default) lists what would go.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass, field
 
+from ..core.cli import command_parser, parse
 from ..core.db import connect
 from ..core.settings import Settings
 from ..core.store import FEATURE_KEY, THUMBNAIL_KEY, ArtifactStore, StoredFile
@@ -39,6 +39,18 @@ class GarbageReport:
     @property
     def keys(self) -> list[str]:
         return [*self.orphan_thumbnails, *self.temporary_files, *self.feature_files]
+
+    def listing(self) -> list[str]:
+        """One line per file: what was (or, in a dry run, would be) removed."""
+        verb = "would remove" if self.dry_run else "removed"
+        kinds = (("orphan thumbnail", self.orphan_thumbnails), ("temporary file", self.temporary_files),
+                 ("feature file", self.feature_files))  # fmt: skip
+        return [f"{verb} {kind}: {key}" for kind, keys in kinds for key in keys]
+
+    def counts(self) -> dict[str, int | bool]:
+        return {"dry_run": self.dry_run, "orphan_thumbnails": len(self.orphan_thumbnails),
+                "temporary_files": len(self.temporary_files), "feature_files": len(self.feature_files),
+                "bytes": self.bytes, "removed": self.removed}  # fmt: skip
 
 
 def referenced_paths(db_url: str) -> set[str]:
@@ -94,23 +106,14 @@ def collect_garbage(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--db-url", required=True, help="SQLAlchemy URL of the similarity database")
-    parser.add_argument("--store", required=True, help="the thumbnail store (similarity_thumbnail_store)")
+    parser = command_parser("python -m sketchfab_similarity.thumbnails.gc", __doc__)
     parser.add_argument("--min-age-hours", type=float, default=DEFAULT_MIN_AGE_S / 3600)
     parser.add_argument("--delete", action="store_true", help="remove the files (default: list them only)")
-    args = parser.parse_args(argv)
-    settings = Settings(db_url=args.db_url, thumbnail_store=args.store)
+    args = parse(parser, argv)
+    settings = Settings(db_url=args.db_url, thumbnail_store=args.thumbnail_store)
     report = collect_garbage(settings, dry_run=not args.delete, min_age_s=args.min_age_hours * 3600)
-    for kind, keys in (
-        ("orphan thumbnail", report.orphan_thumbnails),
-        ("temporary file", report.temporary_files),
-        ("feature file", report.feature_files),
-    ):
-        for key in keys:
-            print(f"{'removed' if report.removed else 'would remove'} {kind}: {key}")
+    for line in report.listing():
+        print(line)
     print(
         f"{len(report.keys)} files, {report.bytes} bytes" + (" removed" if report.removed else " (dry run)")
     )
