@@ -8,17 +8,13 @@ and image URL is exercised the way users follow them. Screenshots are kept in
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from gallery_fixtures import EVIL_NAME, EVIL_VIEWER_URL, fill_database
 from helpers import query
 from sketchfab_similarity.gallery.app import create_app
-from webdriver import Chromium, find_browser, free_port
+from webdriver import Chromium, find_browser, serving
 
 pytestmark = pytest.mark.integration
 
@@ -44,21 +40,10 @@ def browser(tmp_path):
 
 @pytest.fixture
 def served(make_settings):
-    """The gallery on 127.0.0.1 under the API server's prefix, uvicorn in a thread."""
+    """The gallery on 127.0.0.1 under the API server's prefix."""
     data = fill_database(make_settings)
-    root = FastAPI()
-    root.mount(PREFIX, create_app(lambda: data.settings))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(root, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield data, f"http://127.0.0.1:{port}{PREFIX}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(lambda: data.settings), PREFIX) as base:
+        yield data, base
 
 
 def test_search_a_model_and_see_its_look_alikes(browser, served):

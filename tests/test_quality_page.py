@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
-import uvicorn
 from fake_sketchfab import Catalog, FaultConfig, start_server
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -14,7 +10,7 @@ from helpers import model_jpeg, query
 from sketchfab_similarity import crawl, evaluation, features, similarity, thumbnails, vectors
 from sketchfab_similarity.gallery.app import create_app
 from test_gallery_browser import ARTIFACTS, PREFIX, browser  # noqa: F401 (fixture)
-from webdriver import free_port
+from webdriver import serving
 
 pytestmark = pytest.mark.integration
 
@@ -43,19 +39,8 @@ def evaluated(make_settings):
 @pytest.fixture
 def served(evaluated):
     catalog, settings, latest = evaluated
-    root = FastAPI()
-    root.mount(PREFIX, create_app(lambda: settings))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(root, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield catalog, settings, latest, f"http://127.0.0.1:{port}{PREFIX}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(lambda: settings), PREFIX) as base:
+        yield catalog, settings, latest, base
 
 
 def test_quality_page_shows_curves_hubs_duplicates_and_history(browser, served):  # noqa: F811

@@ -11,7 +11,9 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +166,28 @@ class Chromium:
             self._driver.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._driver.kill()
+
+
+@contextlib.contextmanager
+def serving(app: Any, prefix: str) -> Iterator[str]:
+    """`app` mounted under `prefix` (as in the Airflow API server), uvicorn in a thread on
+    127.0.0.1; yields the base URL."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    root = FastAPI()
+    root.mount(prefix, app)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(root, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise WebDriverError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}{prefix}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
