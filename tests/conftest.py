@@ -103,6 +103,20 @@ def listening_sockets() -> list[str]:
     ]
 
 
+SERVING_FIXTURES: set[str] = set()
+"""Fixtures whose setup began listening on a socket in this process (a loopback server)."""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    before = set(listening_sockets())
+    try:
+        return (yield)
+    finally:
+        if set(listening_sockets()) - before:
+            SERVING_FIXTURES.add(fixturedef.argname)
+
+
 HEAVY_MODULES = ("tensorflow", "keras", "airflow.models", "selenium")
 """Imports that make a test slow: a test that brings one in must be marked integration."""
 
@@ -132,8 +146,9 @@ def integration_marker_is_honest(
     monkeypatch.setattr(subprocess.Popen, "_execute_child", execute_child)
     monkeypatch.setattr(socket.socket, "listen", listen)
     before = {name for name in HEAVY_MODULES if name in sys.modules}
-    if listening_sockets():  # a server started by a fixture of a wider scope
-        used.append(f"a server its fixtures started (listening on {listening_sockets()})")
+    serving = sorted(SERVING_FIXTURES.intersection(request.fixturenames))
+    if serving:
+        used.append(f"a server that fixture {', '.join(serving)} started")
     yield
     used += [f"an import of {name}" for name in HEAVY_MODULES if name in sys.modules and name not in before]
     if used:

@@ -206,7 +206,10 @@ def test_every_stage_task_rechecks_the_run_lease(fresh_db, monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException
     from sketchfab_similarity.core.settings import Settings
 
-    monkeypatch.setattr(tasks, "settings_from_airflow", lambda **_: Settings(db_url=fresh_db))
+    # Should a check be missing, the task would reach out: let that be a closed loopback port,
+    # not the real API, so it fails at once and harmlessly.
+    nowhere = Settings(db_url=fresh_db, api_base_url="http://127.0.0.1:9", api_retries=0)
+    monkeypatch.setattr(tasks, "settings_from_airflow", lambda **_: nowhere)
     old = {"dag_run": SimpleNamespace(dag_id=DAG, run_id="old_run", conf={}), "params": {}}
     assert runs.try_acquire_run_lease(fresh_db, DAG, "old_run", states()).acquired
     assert tasks.leased_settings(old).db_url == fresh_db
