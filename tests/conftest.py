@@ -69,6 +69,10 @@ def make_settings(fresh_db: str, tmp_path: Path):
 def pytest_configure(config: pytest.Config) -> None:
     # Orphans of anything a test starts are re-parented to this process, so none can escape the checks.
     config.stash[_SUBREAPER] = processes.become_subreaper()
+    # The guard below relies on this marker; declared here too for a conftest used on its own.
+    config.addinivalue_line(
+        "markers", "integration: uses real Postgres, HTTP, TensorFlow or Airflow (slower)"
+    )
 
 
 _SUBREAPER = pytest.StashKey[bool]()

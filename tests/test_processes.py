@@ -64,6 +64,10 @@ def test_a_test_that_leaks_a_process_fails_and_the_process_is_killed(tmp_path):
             """
             import subprocess
 
+            import pytest
+
+            pytestmark = pytest.mark.integration  # starts processes
+
             def test_leaks():
                 subprocess.run(["sh", "-c", "sleep 613 & exit 0"], check=True)
 
