@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)/tools
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast test-celery airflow bench bench-crawl bench-scale db schema stop-db lint format docs lock clean evaluate compare-features
+.PHONY: setup demo test test-fast test-celery airflow bench bench-smoke bench-crawl bench-scale db schema stop-db lint format docs lock clean evaluate compare-features
 
 setup: $(STAMP)
 
@@ -58,6 +58,20 @@ airflow: setup
 ## Benchmarks: prints tables of ratios against baselines measured in the same run.
 bench: setup
 	@for b in $(filter-out bench/bench_crawl.py bench/bench_scale.py,$(wildcard bench/bench_*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
+
+## Every benchmark once at a tiny size, so none rots unnoticed (what it prints is not a measurement;
+## .ci/run runs it after the tests, in about three minutes).
+bench-smoke: setup
+	$(PY) bench/bench_publish.py --quick > /dev/null
+	$(PY) bench/bench_load.py --quick > /dev/null
+	$(PY) bench/bench_queries.py --quick > /dev/null
+	$(PY) bench/bench_refresh.py --quick > /dev/null
+	$(PY) bench/bench_duplicates.py --models 4000 --plain-models 1000 > /dev/null
+	$(PY) bench/bench_download.py --quick > /dev/null
+	$(PY) bench/bench_extract.py --quick > /dev/null
+	$(PY) bench/bench_crawl.py --models 5000 --cap 500 > /dev/null
+	$(PY) bench/bench_scale.py --models 3000 --text-sample 1000 --seconds 1 --publish-seconds 2 \
+		--rebuild-sample 1000 --no-hnsw > /dev/null
 
 ## The crawl bootstrap past the listing cap: 200,000 models, cap 10,000 (takes several minutes;
 ## `$(PY) bench/bench_crawl.py --quick` for 40,000 models and a cap of 2,000).
