@@ -113,6 +113,8 @@ SERVING_FIXTURES: set[str] = set()
 
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    if fixturedef.scope == "function":  # set up under the guard below, whose listen() records it
+        return (yield)
     before = set(listening_sockets())
     try:
         return (yield)
