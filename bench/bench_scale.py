@@ -300,9 +300,8 @@ def run(args) -> dict:
         settings = settings_for(db_url, top_n=TOP_N)
         version = FeatureSpec.from_settings(settings).version
         with connect(socket_dir) as conn, conn.cursor() as cur:
-            cur.execute(
-                "DROP INDEX IF EXISTS model_embeddings_hnsw_idx"
-            )  # built at the end, timed on its own
+            # The HNSW index is built at the end, timed on its own.
+            cur.execute("DROP INDEX IF EXISTS model_embeddings_hnsw_idx")
             cur.execute("SHOW shared_buffers")
             r["shared_buffers"] = cur.fetchone()[0]
         # Models: N with vectors, 2 x NEW more that get vectors later, NEW with a thumbnail but no

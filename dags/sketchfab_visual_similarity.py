@@ -225,8 +225,8 @@ def sketchfab_visual_similarity():
 
     @task
     def collect_garbage() -> dict:
-        """Removes (or, in `dry-run`, lists) store files nothing needs, older than a day; skipped
-        unless the Variable `similarity_storage_gc` turns it on."""
+        """Removes (or, in `dry-run`, lists) store files nothing needs, older than
+        `similarity_storage_gc_min_age_hours`; skipped unless `similarity_storage_gc` turns it on."""
         return tasks.collect_garbage(get_current_context())
 
     summary >> collect_garbage()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 
 from fake_sketchfab import Catalog, start_server
 from sketchfab_similarity import crawl, features, similarity, thumbnails, vectors
@@ -20,18 +20,11 @@ class GalleryData:
     catalog: Catalog
     evil_uid: str
     wildcard_uid: str
-    run_id: str
 
 
 def as_xcom(result):
     """A stage's result as its task returns it (mapped tasks: a list of them)."""
-    return (
-        [asdict(r) for r in result]
-        if isinstance(result, list)
-        else asdict(result)
-        if is_dataclass(result)
-        else result
-    )
+    return [asdict(r) for r in result] if isinstance(result, list) else asdict(result)
 
 
 def fill_database(settings_factory, n_models: int = 14) -> GalleryData:
@@ -48,7 +41,6 @@ def fill_database(settings_factory, n_models: int = 14) -> GalleryData:
     extracted = features.extract_features(settings)
     loaded = vectors.load_vectors(settings, extracted.files)
     refreshed = similarity.refresh_similarity(settings)
-    run_id = "manual__2026-01-02T03:04:05+00:00"
     # The summary a run records: each stage's XCom (the dataclass as a dict) through run_counts, as
     # summarize_run does, so the page shows what a real run records.
     results = (crawled, [downloaded], [extracted], loaded, [refreshed])
@@ -56,10 +48,10 @@ def fill_database(settings_factory, n_models: int = 14) -> GalleryData:
     runs.record_run(
         settings.db_url,
         dag_id="sketchfab_visual_similarity",
-        run_id=run_id,
+        run_id="manual__2026-01-02T03:04:05+00:00",
         run_type="manual",
         data_interval=(None, None),
         feature_version=feature_version,
         counts=counts,
     )
-    return GalleryData(settings, catalog, evil.uid, wildcard.uid, run_id)
+    return GalleryData(settings, catalog, evil.uid, wildcard.uid)

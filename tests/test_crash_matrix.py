@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import devenv
@@ -58,36 +59,48 @@ def kill_after(module, attribute, calls):
     setattr(owner, name, wrapper)
 """
 
-# What the killed process runs, by the stage it is killed in (work before that stage included).
-CHILD_SCRIPT = {
-    "crawl": "crawl.crawl(s, crawl.CrawlWindow(), checkpoint_key='matrix')",
-    "download": "thumbnails.download_thumbnails(s)",
+
+@dataclass(frozen=True)
+class Case:
+    """Where a stage is killed: what runs before it in the test, what the killed process runs, how
+    the kill is decided, and the first stage a rerun repeats."""
+
+    done_before: tuple[str, ...]
+    child: str
+    rerun_from: str
+    kill_when: str | None = None
+    """Crawl and download are killed from outside once some, not all, of their work is committed
+    (this query says so); the others kill themselves at an exact point (`kill_after`)."""
+
+
+CASES = {
+    "crawl": Case((), "crawl.crawl(s, crawl.CrawlWindow(), checkpoint_key='matrix')", "crawl",
+                  kill_when="SELECT pages >= 1 FROM crawl_runs WHERE run_key = 'matrix'"),
+    "download": Case(("crawl",), "thumbnails.download_thumbnails(s)", "download",
+                     kill_when="SELECT count(*) >= 1 FROM model_thumbnails"),
     # The first feature file is written, the second chunk is being extracted.
-    "extract": "kill_after('sketchfab_similarity.core.store', 'ArtifactStore.write_features', 1)\n"
-    "features.extract_features(s)",
+    "extract": Case(("crawl", "download"),
+                    "kill_after('sketchfab_similarity.core.store', 'ArtifactStore.write_features', 1)\n"
+                    "features.extract_features(s)", "extract"),
     # Inside the transaction of the second feature file: its rows are built, not yet committed.
-    "load": "r = features.extract_features(s)\n"
-    "kill_after('sketchfab_similarity.vectors.load', 'copy_rows', 2)\n"
-    "vectors.load_vectors(s, r.files, remove_loaded=True)",
+    "load": Case(("crawl", "download"),
+                 "r = features.extract_features(s)\n"
+                 "kill_after('sketchfab_similarity.vectors.load', 'copy_rows', 2)\n"
+                 "vectors.load_vectors(s, r.files, remove_loaded=True)", "load"),
     # A refresh over the first feature file's vectors staged its lists and died before publishing;
     # the rerun sees more vectors, so its plan differs and the abandoned staging must not leak in.
-    "stage": "r = features.extract_features(s)\n"
-    "vectors.load_vectors(s, sorted(r.files)[:1])\n"
-    "kill_after('sketchfab_similarity.similarity.refresh', 'write_staging', 1)\n"
-    "similarity.refresh_similarity(s)",
+    "stage": Case(("crawl", "download"),
+                  "r = features.extract_features(s)\n"
+                  "vectors.load_vectors(s, sorted(r.files)[:1])\n"
+                  "kill_after('sketchfab_similarity.similarity.refresh', 'write_staging', 1)\n"
+                  "similarity.refresh_similarity(s)", "load"),
     # Every statement of the publish transaction has run; the commit has not.
-    "publish": "r = features.extract_features(s)\n"
-    "vectors.load_vectors(s, r.files, remove_loaded=True)\n"
-    "kill_after('sketchfab_similarity.similarity.publish', 'publish', 1)\n"
-    "similarity.refresh_similarity(s)",
-}
-KILL_WHEN = {  # crawl and download are killed from outside once some, not all, of their work is committed
-    "crawl": "SELECT pages >= 1 FROM crawl_runs WHERE run_key = 'matrix'",
-    "download": "SELECT count(*) >= 1 FROM model_thumbnails",
-}
-RERUN_FROM = {"crawl": "crawl", "download": "download", "extract": "extract", "load": "load",
-              "stage": "load", "publish": "refresh"}  # fmt: skip
-DONE_BEFORE = {"crawl": [], "download": ["crawl"]}  # the rest: crawl and download
+    "publish": Case(("crawl", "download"),
+                    "r = features.extract_features(s)\n"
+                    "vectors.load_vectors(s, r.files, remove_loaded=True)\n"
+                    "kill_after('sketchfab_similarity.similarity.publish', 'publish', 1)\n"
+                    "similarity.refresh_similarity(s)", "refresh"),
+}  # fmt: skip
 
 
 def checksum(settings: Settings) -> dict[str, object]:
@@ -159,15 +172,15 @@ def start_child(victim: Settings, stage: str) -> subprocess.Popen:
         CHILD_PRELUDE.replace("SETTINGS", repr({k: getattr(victim, k) for k in fields})).replace(
             "FEATURE_CHUNK", str(FEATURE_CHUNK)
         )
-        + CHILD_SCRIPT[stage]
+        + CASES[stage].child
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT / "tools")])}
     return subprocess.Popen([sys.executable, "-c", script], env=env)
 
 
-def kill_when_committed(proc: subprocess.Popen, victim: Settings, stage: str) -> None:
+def kill_when_committed(proc: subprocess.Popen, victim: Settings, committed: str) -> None:
     while proc.poll() is None:
-        rows = query(victim.db_url, KILL_WHEN[stage])
+        rows = query(victim.db_url, committed)
         if rows and rows[0][0]:
             break
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -185,20 +198,21 @@ def uninterrupted(pg_uri, tmp_path_factory):
         yield server, checksum(reference)
 
 
-@pytest.mark.parametrize("stage", list(CHILD_SCRIPT))
+@pytest.mark.parametrize("stage", list(CASES))
 def test_a_stage_killed_mid_way_and_rerun_ends_identical_to_an_uninterrupted_run(
     uninterrupted, pg_uri, tmp_path, stage
 ):
     server, expected = uninterrupted
+    case = CASES[stage]
     victim = settings_on(pg_uri, f"matrix_kill_{stage}", tmp_path, server)
-    for before in DONE_BEFORE.get(stage, ["crawl", "download"]):
+    for before in case.done_before:
         run_stage(victim, before)
-    if stage in KILL_WHEN:  # slow answers, so the kill falls between the first commit and the last
+    if case.kill_when:  # slow answers, so the kill falls between the first commit and the last
         server.set_faults(FaultConfig(latency_ms=120))
     proc = start_child(victim, stage)
     try:
-        if stage in KILL_WHEN:
-            kill_when_committed(proc, victim, stage)
+        if case.kill_when:
+            kill_when_committed(proc, victim, case.kill_when)
         proc.wait(timeout=300)
         assert proc.returncode == -signal.SIGKILL, (
             f"the {stage} process was not killed (exit {proc.returncode})"
@@ -207,5 +221,5 @@ def test_a_stage_killed_mid_way_and_rerun_ends_identical_to_an_uninterrupted_run
         server.set_faults(FaultConfig())
         if proc.poll() is None:
             kill_all([psutil.Process(proc.pid)])
-    run_rest(victim, RERUN_FROM[stage])
+    run_rest(victim, case.rerun_from)
     assert checksum(victim) == expected
