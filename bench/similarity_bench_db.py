@@ -20,11 +20,11 @@ from sketchfab_similarity.core.settings import Settings
 
 
 @contextmanager
-def temp_database() -> Iterator[tuple[str, str]]:
+def temp_database(server_settings: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
     """(SQLAlchemy URL, socket directory) of a fresh embedded Postgres with the schema, removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="sketchfab-bench-"))
     data = root / "pg"
-    uri = devenv.start_postgres(data)
+    uri = devenv.start_postgres(data, server_settings)
     try:
         url = devenv.sqlalchemy_url(uri)
         db.apply_schema(url)

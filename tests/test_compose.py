@@ -138,6 +138,8 @@ def test_supporting_images_are_the_fixed_and_permissive_versions():
     version = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)", tag).groups())
     assert repo == "pgvector/pgvector" and version >= (0, 8, 4), "HNSW vacuum fixes of 0.8.3/0.8.4"
     assert SERVICES["postgres"]["shm_size"], "parallel index builds need more than 64 MB of /dev/shm"
+    command = SERVICES["postgres"]["command"]
+    assert command[0] == "postgres" and any(c.startswith("shared_buffers=") for c in command[1:]), command
     redis = SERVICES["redis"]["image"]
     assert redis.startswith(("redis:7.2", "valkey/valkey:")), f"{redis}: not BSD-licensed"
 

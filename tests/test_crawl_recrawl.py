@@ -86,7 +86,7 @@ def test_full_recrawl_drops_deleted_models_and_reextracts_changed_thumbnails(mak
     assert similarity_rows(db) == incremental, "the incremental table equals a full rebuild"
 
     # A deleted model is not downloaded again, and nothing is left to do.
-    plan = thumbnails.download.plan_downloads(settings)
+    plan = thumbnails.plan.plan_downloads(settings)
     assert plan.tasks == [] and not any(u in gone for u in (t.uid for t in plan.tasks))
 
 

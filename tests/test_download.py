@@ -14,14 +14,16 @@ import fsspec
 import numpy as np
 import pytest
 from fake_sketchfab import Catalog, FaultConfig, Thumbnail, ThumbnailFault, start_server
-from helpers import query
+from helpers import execute, query
 from PIL import Image
 from sketchfab_similarity import crawl, thumbnails
+from sketchfab_similarity.core.db import connect
 from sketchfab_similarity.core.images import open_checked, to_rgb
-from sketchfab_similarity.core.sharding import Shard
+from sketchfab_similarity.core.sharding import WHOLE, Shard
 from sketchfab_similarity.core.store import ArtifactStore
 from sketchfab_similarity.crawl.state import CrawlWindow
 from sketchfab_similarity.thumbnails import fetch
+from sketchfab_similarity.thumbnails.plan import plan_downloads, plan_query, settle
 
 pytestmark = pytest.mark.integration
 
@@ -319,6 +321,81 @@ def test_a_changed_thumbnail_url_is_fetched_again(world):
     assert {u: r for u, r in after.items() if u != changed.uid} == {
         u: r for u, r in before.items() if u != changed.uid
     }
+
+
+def due(db_url: str) -> set[str]:
+    return {r[0] for r in query(db_url, "SELECT uid FROM thumbnails_due")}
+
+
+def test_a_plan_reads_only_models_marked_due_and_unmarks_the_settled_ones(world):
+    catalog = Catalog.generate(8, seed=42)
+    _, settings = world(catalog)
+    uids = {m.uid for m in catalog.models}
+    assert due(settings.db_url) == uids  # new models
+    assert thumbnails.download_thumbnails(settings).fetched == 8
+    assert due(settings.db_url) == uids  # sent to download: unmarked once a plan sees the result
+    settled = plan_downloads(settings)
+    assert settled.tasks == [] and settled.skipped_by_reason == {"up to date": 8}
+    assert due(settings.db_url) == set()
+    idle = plan_downloads(settings)
+    assert idle.tasks == [] and not idle.skipped_by_reason  # nothing marked: nothing read
+
+    removed = catalog.models[3].uid  # a removed thumbnail row marks its model again (trigger)
+    execute(settings.db_url, "DELETE FROM model_thumbnails WHERE uid = %s", (removed,))
+    assert [t.uid for t in plan_downloads(settings).tasks] == [removed]
+
+    back = catalog.models[5].uid  # a model back after a deletion is looked at again (crawl upsert)
+    execute(settings.db_url, "UPDATE sketchfab_models SET deleted_at = now() WHERE uid = %s", (back,))
+    execute(settings.db_url, "INSERT INTO thumbnails_due VALUES (%s), (%s)", (back, "f" * 32))
+    assert [t.uid for t in plan_downloads(settings).tasks] == [removed]  # deleted or gone: dropped
+    assert due(settings.db_url) == {removed}
+    crawl.crawl(settings, CrawlWindow(), checkpoint_key="recrawl")
+    assert due(settings.db_url) == {removed, back}
+    assert thumbnails.download_thumbnails(settings).fetched == 1  # its stored thumbnail is still good
+    assert due(settings.db_url) == {removed}
+    assert plan_downloads(settings).skipped_by_reason == {"up to date": 1} and due(settings.db_url) == set()
+
+
+def test_changed_plan_settings_look_at_every_model_once(world):
+    catalog = Catalog.generate(6, seed=43)
+    _, settings = world(catalog)
+    thumbnails.download_thumbnails(settings)
+    plan_downloads(settings)
+    assert due(settings.db_url) == set()
+    bigger = settings.with_overrides(input_size=settings.input_size * 2)
+    plan = plan_downloads(bigger)
+    assert len(plan.tasks) + sum(plan.skipped_by_reason.values()) == 6
+    assert {t.uid for t in plan.tasks} == due(settings.db_url)
+    assert plan_downloads(bigger).tasks == plan.tasks  # the same settings again: only what is still due
+    more_attempts = settings.with_overrides(max_download_attempts=settings.max_download_attempts + 1)
+    again = plan_downloads(more_attempts)
+    assert len(again.tasks) + sum(again.skipped_by_reason.values()) == 6
+
+
+def test_a_model_is_unmarked_only_if_its_thumbnail_list_is_still_the_one_judged(world):
+    catalog = Catalog.generate(2, seed=44)
+    _, settings = world(catalog)
+    uid = catalog.models[0].uid
+    with connect(settings.db_url) as conn, conn.cursor() as cur:
+        assert settle(cur, [(uid, "[]")]) == 0  # judged on a list the crawl has since replaced
+    assert uid in due(settings.db_url)
+
+
+def test_the_plan_reads_the_listed_models_through_primary_keys_not_whole_tables(make_settings):
+    settings = make_settings()
+    for sql in (
+        "INSERT INTO sketchfab_models (uid, name, published_at, raw) "
+        "SELECT lpad(to_hex(i), 32, '0'), 'm', now(), '{}' FROM generate_series(1, 20000) i",
+        "INSERT INTO model_thumbnails (uid, source_url, status, error) "
+        "SELECT uid, 'https://media.example/' || uid, 'failed', '[permanent] x' FROM sketchfab_models",
+        "DELETE FROM thumbnails_due WHERE uid > lpad(to_hex(20), 32, '0')",
+        "ANALYZE sketchfab_models, model_thumbnails, thumbnails_due",
+    ):
+        execute(settings.db_url, sql)
+    assert len(due(settings.db_url)) == 20  # the trigger listed every new model
+    for shard in (WHOLE, Shard(1, 4)):
+        plan = "\n".join(r[0] for r in query(settings.db_url, "EXPLAIN " + plan_query(shard)))
+        assert "Seq Scan on sketchfab_models" not in plan and "Seq Scan on model_thumbnails" not in plan, plan
 
 
 def test_shards_split_the_work_without_overlap(world):

@@ -13,9 +13,10 @@ from PIL import Image
 from sketchfab_similarity.core import httpretry
 from sketchfab_similarity.core.settings import Settings
 from sketchfab_similarity.core.store import ArtifactStore
-from sketchfab_similarity.thumbnails import download, fetch
-from sketchfab_similarity.thumbnails.download import DownloadTask, validate_and_store
+from sketchfab_similarity.thumbnails import download, fetch, plan
+from sketchfab_similarity.thumbnails.download import validate_and_store
 from sketchfab_similarity.thumbnails.fetch import FetchFailed
+from sketchfab_similarity.thumbnails.plan import DownloadTask
 
 
 @pytest.mark.parametrize(
@@ -83,7 +84,7 @@ def test_url_checks(url, kind):
 )
 def test_skip_reasons(stored, expected):
     stored_url, status, error, attempts = stored
-    assert download.skip_reason("u", stored_url, status, error, attempts, max_attempts=3) == expected
+    assert plan.skip_reason("u", stored_url, status, error, attempts, max_attempts=3) == expected
 
 
 def small_jpeg() -> bytes:

@@ -12,7 +12,7 @@ from sketchfab_similarity.core.images import (
     resize_for_model,
     to_rgb,
 )
-from sketchfab_similarity.thumbnails.download import choose_thumbnail
+from sketchfab_similarity.thumbnails.plan import choose_thumbnail
 
 
 def encode(img, fmt="JPEG", **kw):

@@ -139,3 +139,22 @@ def test_a_reader_holding_a_transaction_for_the_whole_run_blocks_nothing(make_se
     assert not errors, errors
     assert answered >= 1
     assert query(settings.db_url, "SELECT count(*) FROM model_similarity")[0][0] == 30 * 4
+
+
+def test_the_embedded_server_takes_its_settings_before_it_starts(tmp_path):
+    """The scale benchmark sizes shared_buffers this way; a setting that did not take would make
+    its query figures those of Postgres' 128 MB default without saying so."""
+    import devenv
+
+    data = tmp_path / "pg"
+    uri = devenv.start_postgres(data, {"shared_buffers": "48MB", "work_mem": "7MB"})
+    try:
+        conn = psycopg2.connect(uri)
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_setting('shared_buffers'), current_setting('work_mem')")
+            assert cur.fetchone() == ("48MB", "7MB")
+        conn.close()
+    finally:
+        devenv.stop_postgres(data)
+    conf = (data / "postgresql.conf").read_text()
+    assert conf.count(devenv.SERVER_SETTINGS_FILE) == 1

