@@ -95,6 +95,13 @@ def test_gc_command_is_a_dry_run_unless_told(make_settings):
     assert f"would remove orphan thumbnail: {orphan}" in dry.stdout and store.fs.exists(store.path(orphan))
     wet = subprocess.run([*cmd, "--delete"], env=env, capture_output=True, text=True, check=True, timeout=120)
     assert f"removed orphan thumbnail: {orphan}" in wet.stdout and not store.fs.exists(store.path(orphan))
+    assert dry.stdout.splitlines()[-1].endswith("(dry run)") and wet.stdout.splitlines()[-1].endswith(
+        "removed"
+    )
+    again = subprocess.run(
+        [*cmd, "--delete"], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert again.stdout.splitlines()[-1] == "0 files, 0 bytes removed"  # nothing left, and not a dry run
 
 
 def test_loaded_feature_files_are_removed_and_bad_keys_refused_unread(make_settings):

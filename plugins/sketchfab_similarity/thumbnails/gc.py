@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in report.listing():
         print(line)
     print(
-        f"{len(report.keys)} files, {report.bytes} bytes" + (" removed" if report.removed else " (dry run)")
+        f"{len(report.keys)} files, {report.bytes} bytes" + (" (dry run)" if report.dry_run else " removed")
     )
     return 0
 
