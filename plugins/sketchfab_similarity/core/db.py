@@ -7,6 +7,7 @@ connection underneath for COPY and `execute_values`, which SQLAlchemy does not w
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -132,6 +133,22 @@ def connect(db_url: str) -> Iterator:
         raise
     finally:
         raw.close()
+
+
+def state_value(cur: Any, name: str) -> dict:
+    """A `pipeline_state` value ({} when there is none yet)."""
+    cur.execute("SELECT value FROM pipeline_state WHERE name = %s", (name,))
+    row = cur.fetchone()
+    return row[0] if row else {}
+
+
+def set_state_value(cur: Any, name: str, value: dict) -> None:
+    """Set a `pipeline_state` value, replacing the one there (in the caller's transaction)."""
+    cur.execute(
+        "INSERT INTO pipeline_state (name, value) VALUES (%s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+        (name, json.dumps(value)),
+    )
 
 
 @contextmanager

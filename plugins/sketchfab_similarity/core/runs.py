@@ -16,7 +16,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
-from .db import connect
+from .db import connect, state_value
 from .sharding import Shard
 
 STAGES = ("crawl_models", "download_thumbnails", "extract_features", "load_vectors", "refresh_similarity")
@@ -162,9 +162,7 @@ def lease_problem(db_url: str, dag_id: str, run_id: str) -> str | None:
     cleared and rerun while another run works cannot write underneath that run.
     """
     with connect(db_url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT value FROM pipeline_state WHERE name = %s", (LEASE_KEY,))
-        row = cur.fetchone()
-    held = row[0] if row else {}
+        held = state_value(cur, LEASE_KEY)
     if held.get("dag_id") == dag_id and held.get("run_id") == run_id:
         return None
     if not held.get("run_id"):

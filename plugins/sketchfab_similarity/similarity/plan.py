@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.db import connect
+from ..core.db import connect, state_value
 from ..core.featurespec import EMBEDDING_DIM
 from ..core.pgcopy import copy_out_rows, read_embeddings
 
@@ -85,9 +85,7 @@ def vector_hashes(matrix: np.ndarray) -> np.ndarray:
 
 def read_state(db_url: str) -> dict:
     with connect(db_url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT value FROM pipeline_state WHERE name = %s", (STATE_KEY,))
-        row = cur.fetchone()
-    return row[0] if row else {}
+        return state_value(cur, STATE_KEY)
 
 
 MEMBER_ROW = np.dtype(

@@ -4,12 +4,11 @@ them into `model_similarity` in one transaction that writes only rows that diffe
 from __future__ import annotations
 
 import io
-import json
 import logging
 
 import numpy as np
 
-from ..core.db import connect
+from ..core.db import connect, set_state_value, state_value
 from ..core.pgcopy import copy_rows
 from . import topn
 from .compute import Lists
@@ -140,11 +139,7 @@ def publish(cur, plan: Plan, shrinks: bool) -> tuple[int, int]:
         "models": models,
         "rows": int(rows),
     }
-    cur.execute(
-        "INSERT INTO pipeline_state (name, value) VALUES (%s, %s) "
-        "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
-        (STATE_KEY, json.dumps(state)),
-    )
+    set_state_value(cur, STATE_KEY, state)
     # Everything staged was computed against the table just replaced: none of it is usable any
     # more. TRUNCATE also returns the space at once (only refresh tasks use these tables).
     cur.execute("TRUNCATE similarity_staging, similarity_staging_lists, similarity_parts")
@@ -194,8 +189,7 @@ def finish_part(
                 "The parts of this refresh saw different embeddings (model_embeddings changed while it "
                 "ran); clear the run's refresh_similarity tasks to compute them again."
             )
-        cur.execute("SELECT value FROM pipeline_state WHERE name = %s", (STATE_KEY,))
-        state = (cur.fetchone() or [{}])[0]
+        state = state_value(cur, STATE_KEY)
         if state.get("plan_id") == plan.plan_id:
             log.info("plan %s is already published", plan.plan_id)
             stats.published = True

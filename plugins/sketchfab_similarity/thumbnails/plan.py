@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.db import connect
+from ..core.db import connect, set_state_value, state_value
 from ..core.settings import Settings
 from ..core.sharding import WHOLE, Shard
 from .fetch import TRANSIENT
@@ -85,34 +85,29 @@ for the list as it is now (nested loops over a short list, not hash joins of who
 def settle(cur: Any, judged: list[tuple[str, str]]) -> int:
     """Take models judged to need nothing off the list, each only while its thumbnail list is still
     the one judged (a crawl may have changed it since; its trigger then kept it listed)."""
-    settled = 0
-    for start in range(0, len(judged), SETTLE_BATCH):
-        uids, lists = zip(*judged[start : start + SETTLE_BATCH], strict=True)
-        cur.execute(SETTLE, (list(uids), list(lists)))
-        settled += cur.rowcount
-    return settled
+    if not judged:
+        return 0
+    uids, lists = zip(*judged, strict=True)
+    cur.execute(SETTLE, (list(uids), list(lists)))
+    return cur.rowcount
 
 
-def list_all_if_settings_changed(cur: Any, settings: Settings) -> bool:
+def list_all_if_settings_changed(cur: Any, settings: Settings) -> None:
     """List every model when the settings a plan depends on differ from the recorded ones."""
     wanted = {"input_size": settings.input_size, "max_download_attempts": settings.max_download_attempts}
-    cur.execute("SELECT value FROM pipeline_state WHERE name = %s", (PLAN_STATE_KEY,))
-    row = cur.fetchone()
-    if row and row[0] == wanted:
-        return False
-    log.info("Download settings are now %s (were %s): every model is looked at once.", wanted, row and row[0])
+    recorded = state_value(cur, PLAN_STATE_KEY)
+    if recorded == wanted:
+        return
+    log.info(
+        "Download settings are now %s (were %s): every model is looked at once.", wanted, recorded or None
+    )
     cur.execute(
         "INSERT INTO thumbnails_due (uid) SELECT uid FROM sketchfab_models WHERE deleted_at IS NULL "
         "ON CONFLICT DO NOTHING"
     )
     if cur.rowcount > REANALYZE_AFTER:
         cur.execute("ANALYZE thumbnails_due")
-    cur.execute(
-        "INSERT INTO pipeline_state (name, value) VALUES (%s, %s) "
-        "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
-        (PLAN_STATE_KEY, json.dumps(wanted)),
-    )
-    return True
+    set_state_value(cur, PLAN_STATE_KEY, wanted)
 
 
 def plan_downloads(settings: Settings, shard: Shard = WHOLE) -> DownloadPlan:
