@@ -260,7 +260,7 @@ def planning(db_url: str, socket_dir: str, version: str, models: int) -> dict:
     start = time.perf_counter()
     first = plan_downloads(settings)
     out["plan_downloads_first_s"] = time.perf_counter() - start
-    out["download_first_looked_at"] = len(first.tasks) + sum(first.skipped_by_reason.values())
+    out["download_first_looked_at"] = first.looked_at
     results = [DownloadResult(t.uid, t.url, "ok", "h" + t.uid, "t/" + t.uid, 256, 256) for t in first.tasks]
     start = time.perf_counter()
     record_results(db_url, results)
@@ -272,7 +272,7 @@ def planning(db_url: str, socket_dir: str, version: str, models: int) -> dict:
     plan = plan_downloads(settings)
     out["plan_downloads_s"] = time.perf_counter() - start
     out["download_pending"] = len(plan.tasks)
-    out["download_looked_at"] = len(plan.tasks) + sum(plan.skipped_by_reason.values())
+    out["download_looked_at"] = plan.looked_at
     start = time.perf_counter()
     pending = pending_extractions(db_url, version)
     out["pending_extractions_s"] = time.perf_counter() - start

@@ -34,6 +34,11 @@ class DownloadPlan:
     tasks: list[DownloadTask] = field(default_factory=list)
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
 
+    @property
+    def looked_at(self) -> int:
+        """Listed models the plan judged: sent to download or skipped (gone ones not counted)."""
+        return len(self.tasks) + self.skipped_by_reason.total()
+
 
 def choose_thumbnail(images: list[dict[str, Any]], min_side: int) -> str | None:
     """The smallest image with both sides >= min_side; the largest one if none is big enough."""
