@@ -15,7 +15,9 @@ A throw-away embedded Postgres gets N models with random unit 512-d vectors, and
   incremental  2,000 new models: refresh_similarity (plan, compute, stage, publish), vs the read
                floor (a binary COPY of every vector into a null sink) and the products alone
   queries      similar_models(uid, 10), 8 clients (pgbench), quiet and during the publish of a
-               second incremental run, vs pgbench -S in the same run
+               second incremental run, vs pgbench -S quiet and during a third run's publish; and
+               similar_models next to one busy process that is not Postgres (what sharing the CPU
+               alone costs, with no lock or write involved)
   planning     plan_downloads (its first look at every model, then a run later with 2,000 new) and
                pending_extractions with 2,000 pending of N known, recording
                2,000 download results; EXPLAIN of each pending query; vs a count(*) of the table
@@ -36,6 +38,7 @@ and the report and the exponents read the same result layout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -47,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +269,7 @@ def planning(db_url: str, socket_dir: str, version: str, models: int) -> dict:
     start = time.perf_counter()
     record_results(db_url, results)
     out["record_s"] = time.perf_counter() - start
-    add_models(socket_dir, models + 4 * NEW, models + 5 * NEW, thumbnails=False)  # the next crawl's
+    add_models(socket_dir, models + 5 * NEW, models + 6 * NEW, thumbnails=False)  # the next crawl's
     with connect(socket_dir) as conn, conn.cursor() as cur:
         cur.execute("VACUUM ANALYZE thumbnails_due")  # autovacuum's work after the first plan's deletes
     start = time.perf_counter()
@@ -314,13 +318,14 @@ def run(args) -> dict:
             cur.execute("DROP INDEX IF EXISTS model_embeddings_hnsw_idx")
             cur.execute("SHOW shared_buffers")
             r["shared_buffers"] = cur.fetchone()[0]
-        # Models: N with vectors, 2 x NEW more that get vectors later, NEW with a thumbnail but no
-        # vector (pending extraction), NEW without a thumbnail (pending download).
+        # Models: N with vectors, 3 x NEW more that get vectors later (one incremental run and two
+        # held publishes), NEW with a thumbnail but no vector (pending extraction), NEW without a
+        # thumbnail (pending download).
         clock = time.perf_counter()
-        add_models(socket_dir, 0, total + 3 * NEW, thumbnails=True)
-        add_models(socket_dir, total + 3 * NEW, total + 4 * NEW, thumbnails=False)
+        add_models(socket_dir, 0, total + 4 * NEW, thumbnails=True)
+        add_models(socket_dir, total + 4 * NEW, total + 5 * NEW, thumbnails=False)
         r["models_s"] = time.perf_counter() - clock
-        log(f"{total + 4 * NEW:,} models in {r['models_s']:.1f}s")
+        log(f"{total + 5 * NEW:,} models in {r['models_s']:.1f}s")
 
         sample = min(total, args.text_sample)
         r["text_copy_s"] = text_copy(socket_dir, model_uids(sample), random_unit(sample, seed=99))
@@ -343,7 +348,8 @@ def run(args) -> dict:
         r["incremental"] = in_child("refresh", db_url=db_url)
         log(f"incremental: {r['incremental']}")
 
-        # Queries: pgbench -S and similar_models quiet, then similar_models while a second run publishes.
+        # Queries: pgbench -S and similar_models quiet, each while another run publishes, and
+        # similar_models next to a busy process that is not Postgres (CPU sharing alone).
         subprocess.run([pgbench_binary(), "-h", socket_dir, "-U", "postgres", "-i", "-q", "-s", "10", "postgres"],
                        capture_output=True, check=True)  # fmt: skip
         with connect(socket_dir) as conn, conn.cursor() as cur:
@@ -355,31 +361,19 @@ def run(args) -> dict:
         r["pgbench_S"] = percentiles(pgbench(socket_dir, ["-S"], args.seconds)[:, 1])
         pgbench(socket_dir, ["-f", str(script)], args.seconds)  # untimed: a serving database's cache is warm
         r["similar_quiet"] = percentiles(pgbench(socket_dir, ["-f", str(script)], args.seconds)[:, 1])
-        load_vectors(db_url, total + NEW, total + 2 * NEW, version)
-        held = subprocess.Popen(
-            [sys.executable, __file__, "--child", "refresh_held", json.dumps({"db_url": db_url})],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        while (line := held.stdout.readline()) and line.strip() != "READY":
-            pass
-        during_runs: list[np.ndarray] = []
-        queries = threading.Thread(
-            target=lambda: during_runs.append(pgbench(socket_dir, ["-f", str(script)], args.publish_seconds))
-        )
-        queries.start()
-        time.sleep(2)
-        held.stdin.write("go\n")
-        held.stdin.flush()
-        published = json.loads(held.stdout.read().strip().splitlines()[-1])
-        held.wait()
-        queries.join()
-        during = during_runs[0]
-        window = (during[:, 0] >= published["publish_from"]) & (
-            during[:, 0] <= published["publish_to"] + 0.001
-        )
-        r["publish_window"] = published
-        r["similar_during_publish"] = percentiles(during[window, 1])
-        r["similar_around_publish"] = percentiles(during[:, 1])
+        with busy_cpu():
+            r["similar_next_to_busy"] = percentiles(
+                pgbench(socket_dir, ["-f", str(script)], args.seconds)[:, 1]
+            )
+        for key, workload, block in (("similar", ["-f", str(script)], 1), ("pgbench_S", ["-S"], 2)):
+            load_vectors(db_url, total + block * NEW, total + (block + 1) * NEW, version)
+            published, during = while_publishing(db_url, socket_dir, workload, args.publish_seconds)
+            window = (during[:, 0] >= published["publish_from"]) & (
+                during[:, 0] <= published["publish_to"] + 0.001
+            )
+            r[f"{key}_during_publish"] = percentiles(during[window, 1])
+            r[f"{key}_around_publish"] = percentiles(during[:, 1])
+            r.setdefault("publish_window", published)
         log(
             f"queries: -S {r['pgbench_S']}, quiet {r['similar_quiet']}, publishing {r['similar_during_publish']}"
         )
@@ -394,6 +388,40 @@ def run(args) -> dict:
             log(f"hnsw: {r['hnsw']}")
     r["load_average_after"] = os.getloadavg()
     return r
+
+
+@contextlib.contextmanager
+def busy_cpu() -> Iterator[None]:
+    """One process spinning on a core meanwhile, the way a publish's backend does, but holding no lock."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def while_publishing(
+    db_url: str, socket_dir: str, workload: list[str], seconds: int
+) -> tuple[dict, np.ndarray]:
+    """`workload` run by pgbench for `seconds` while an incremental refresh publishes; the refresh
+    is planned, computed and staged first, and told to publish 2 s into the queries."""
+    held = subprocess.Popen(
+        [sys.executable, __file__, "--child", "refresh_held", json.dumps({"db_url": db_url})],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    while (line := held.stdout.readline()) and line.strip() != "READY":
+        pass
+    runs: list[np.ndarray] = []
+    queries = threading.Thread(target=lambda: runs.append(pgbench(socket_dir, workload, seconds)))
+    queries.start()
+    time.sleep(2)
+    held.stdin.write("go\n")
+    held.stdin.flush()
+    published = json.loads(held.stdout.read().strip().splitlines()[-1])
+    held.wait()
+    queries.join()
+    return published, runs[0]
 
 
 def hnsw_build(settings, socket_dir: str, memory: str) -> dict:
@@ -465,7 +493,9 @@ def report(r: dict) -> None:
     )
     q = [
         ["pgbench -S (baseline), quiet", *r["pgbench_S"]],
+        ["pgbench -S (baseline), during a publish", *r["pgbench_S_during_publish"]],
         ["similar_models(uid, 10), quiet", *r["similar_quiet"]],
+        ["similar_models(uid, 10), next to one busy process", *r["similar_next_to_busy"]],
         ["similar_models(uid, 10), during a publish", *r["similar_during_publish"]],
         ["similar_models(uid, 10), whole window around it", *r["similar_around_publish"]],
     ]
@@ -506,6 +536,7 @@ FIGURES = {
     "  stage s": lambda r: r["incremental"]["seconds"]["stage"],
     "  publish s": lambda r: r["incremental"]["seconds"]["publish"],
     "incremental peak RSS MiB": lambda r: r["incremental"]["peak_rss_mib"],
+    "similar_models p99 ms (quiet)": lambda r: r["similar_quiet"][1],
     "similar_models p99 ms (publishing)": lambda r: r["similar_during_publish"][1],
     "plan_downloads s": lambda r: r["planning"]["plan_downloads_s"],
     "plan_downloads first s": lambda r: r["planning"].get("plan_downloads_first_s", math.nan),

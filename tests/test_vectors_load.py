@@ -206,6 +206,28 @@ def test_bulk_load_rebuilds_the_index_small_loads_keep_it(make_settings):
 
 
 @pytest.mark.integration
+def test_similar_models_probes_names_and_thumbnails_through_hash_indexes(make_settings):
+    """Its 2k probes by uid are most of a call's cost: one bucket page each, not a btree descent."""
+    settings = make_settings()
+    for sql in (
+        "INSERT INTO sketchfab_models (uid, name, published_at, raw, viewer_url) "
+        "SELECT lpad(to_hex(i), 32, '0'), 'm', now(), '{}', 'v' FROM generate_series(1, 20000) i",
+        "INSERT INTO model_thumbnails (uid, source_url, status, error) "
+        "SELECT uid, 'https://media.example/' || uid, 'failed', '[permanent] x' FROM sketchfab_models",
+        "INSERT INTO model_similarity (uid, rank, similar_uid, score, feature_version) "
+        "SELECT lpad(to_hex(u), 32, '0'), r, lpad(to_hex(u + r), 32, '0'), 1.0 / r, 'f' "
+        "FROM generate_series(1, 2000) u, generate_series(1, 10) r",
+        "ANALYZE sketchfab_models, model_thumbnails, model_similarity",
+    ):
+        execute(settings.db_url, sql)
+    uid = "%032x" % 7
+    plan = "\n".join(r[0] for r in query(settings.db_url, "EXPLAIN SELECT * FROM similar_models(%s, 10)", (uid,)))
+    assert "sketchfab_models_uid_hash_idx" in plan and "model_thumbnails_uid_hash_idx" in plan, plan
+    got = query(settings.db_url, "SELECT rank, uid, thumbnail_url FROM similar_models(%s, 10)", (uid,))
+    assert got == [(r, "%032x" % (7 + r), "https://media.example/%032x" % (7 + r)) for r in range(1, 11)]
+
+
+@pytest.mark.integration
 def test_sql_functions_and_view(make_settings):
     settings = make_settings(top_n=5)
     rng = np.random.default_rng(5)
