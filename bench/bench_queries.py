@@ -3,7 +3,8 @@
 Both run through pgbench (same client, same connection handling): 8 clients for a fixed time,
 every transaction's latency logged; p50/p99 come from those logs. `pgbench -S` is the built-in
 select-only workload (one primary-key lookup on pgbench_accounts), the usual yardstick for
-"as fast as a query can be" on a server.
+"as fast as a query can be" on a server. The last row drops the hash indexes similar_models
+probes by uid and measures it again.
 
     python bench/bench_queries.py            # 50,000 models, 5 s per workload
     python bench/bench_queries.py --quick    # 10,000 models, 4 s per workload
@@ -36,6 +37,7 @@ from sketchfab_similarity.core.store import FeatureBatch
 from sketchfab_similarity.vectors.load import LoadStats, load_batch
 
 CLIENTS, THREADS = 8, 2
+HASH_INDEXES = "sql/108_uid_hash_indexes.sql"
 
 
 def pgbench_binary() -> str:
@@ -118,6 +120,12 @@ def main() -> None:
                     base = base or tps
                     rows.append([f"{name}, {clients} client{'s' * (clients > 1)}, {protocol}", tps, tps / base,
                                  float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), len(lat)])  # fmt: skip
+        # The same last workload with its 2k probes by uid through the primary keys' btrees.
+        with connect(socket_dir) as conn, conn.cursor() as cur:
+            cur.execute("DROP INDEX sketchfab_models_uid_hash_idx, model_thumbnails_uid_hash_idx")
+        tps, lat = run_pgbench(socket_dir, ["-M", "prepared", "-f", str(script)], args.seconds, CLIENTS)
+        rows.append([f"  same, probes through the btree primary keys (no {HASH_INDEXES})", tps, tps / base,
+                     float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), len(lat)])  # fmt: skip
     print_table(
         f"Queries on {args.models:,} models (top-20 lists, {args.seconds} s each, pgbench -j {THREADS}, 2 cores "
         "shared by server and clients)",

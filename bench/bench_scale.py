@@ -318,6 +318,10 @@ def run(args) -> dict:
             cur.execute("DROP INDEX IF EXISTS model_embeddings_hnsw_idx")
             cur.execute("SHOW shared_buffers")
             r["shared_buffers"] = cur.fetchone()[0]
+            # Whether the kernel had huge pages reserved for the buffer pool (vm.nr_hugepages):
+            # with 4 kB pages every probe into a large pool also misses the TLB.
+            cur.execute("SHOW huge_pages_status")
+            r["huge_pages"] = cur.fetchone()[0]
         # Models: N with vectors, 3 x NEW more that get vectors later (one incremental run and two
         # held publishes), NEW with a thumbnail but no vector (pending extraction), NEW without a
         # thumbnail (pending download).
@@ -501,7 +505,8 @@ def report(r: dict) -> None:
     ]
     pub = r["publish_window"]
     print_table(
-        f"Queries, {CLIENTS} clients, prepared (publish of an incremental run: "
+        f"Queries, {CLIENTS} clients, prepared, shared_buffers {r['shared_buffers']}, huge pages "
+        f"{r.get('huge_pages', '?')} (publish of an incremental run: "
         f"{pub['publish_to'] - pub['publish_from']:.2f}s, {pub['rows_written']:,} rows written)",
         ["workload", "p50 ms", "p99 ms", "queries"], q,
     )  # fmt: skip

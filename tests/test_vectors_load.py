@@ -220,11 +220,13 @@ def test_similar_models_probes_names_and_thumbnails_through_hash_indexes(make_se
         "ANALYZE sketchfab_models, model_thumbnails, model_similarity",
     ):
         execute(settings.db_url, sql)
-    uid = "%032x" % 7
-    plan = "\n".join(r[0] for r in query(settings.db_url, "EXPLAIN SELECT * FROM similar_models(%s, 10)", (uid,)))
+    uid = f"{7:032x}"
+    plan = "\n".join(
+        r[0] for r in query(settings.db_url, "EXPLAIN SELECT * FROM similar_models(%s, 10)", (uid,))
+    )
     assert "sketchfab_models_uid_hash_idx" in plan and "model_thumbnails_uid_hash_idx" in plan, plan
     got = query(settings.db_url, "SELECT rank, uid, thumbnail_url FROM similar_models(%s, 10)", (uid,))
-    assert got == [(r, "%032x" % (7 + r), "https://media.example/%032x" % (7 + r)) for r in range(1, 11)]
+    assert got == [(r, f"{7 + r:032x}", f"https://media.example/{7 + r:032x}") for r in range(1, 11)]
 
 
 @pytest.mark.integration
