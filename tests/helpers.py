@@ -29,6 +29,22 @@ def execute(db_url: str, sql: str, params: tuple = ()) -> None:
         conn.close()
 
 
+def add_catalogue(db_url: str, count: int) -> None:
+    """`count` bare models (uids 1..count in hex), each with a permanently failed thumbnail row:
+    tables big enough for the planner to choose index probes, made in two statements."""
+    execute(
+        db_url,
+        "INSERT INTO sketchfab_models (uid, name, published_at, raw, viewer_url) "
+        "SELECT lpad(to_hex(i), 32, '0'), 'm', now(), '{}', 'v' FROM generate_series(1, %s) i",
+        (count,),
+    )
+    execute(
+        db_url,
+        "INSERT INTO model_thumbnails (uid, source_url, status, error) "
+        "SELECT uid, 'https://media.example/' || uid, 'failed', '[permanent] x' FROM sketchfab_models",
+    )
+
+
 def stored_embeddings(db_url: str) -> tuple[list[str], np.ndarray]:
     """Parse pgvector's text output ourselves rather than trusting the pipeline's reader."""
     rows = query(db_url, "SELECT uid, embedding::text FROM model_embeddings ORDER BY uid")

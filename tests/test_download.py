@@ -14,7 +14,7 @@ import fsspec
 import numpy as np
 import pytest
 from fake_sketchfab import Catalog, FaultConfig, Thumbnail, ThumbnailFault, start_server
-from helpers import execute, query
+from helpers import add_catalogue, execute, query
 from PIL import Image
 from sketchfab_similarity import crawl, thumbnails
 from sketchfab_similarity.core.db import connect
@@ -383,11 +383,8 @@ def test_a_model_is_unmarked_only_if_its_thumbnail_list_is_still_the_one_judged(
 
 def test_the_plan_reads_the_listed_models_through_primary_keys_not_whole_tables(make_settings):
     settings = make_settings()
+    add_catalogue(settings.db_url, 20000)
     for sql in (
-        "INSERT INTO sketchfab_models (uid, name, published_at, raw) "
-        "SELECT lpad(to_hex(i), 32, '0'), 'm', now(), '{}' FROM generate_series(1, 20000) i",
-        "INSERT INTO model_thumbnails (uid, source_url, status, error) "
-        "SELECT uid, 'https://media.example/' || uid, 'failed', '[permanent] x' FROM sketchfab_models",
         "DELETE FROM thumbnails_due WHERE uid > lpad(to_hex(20), 32, '0')",
         "ANALYZE sketchfab_models, model_thumbnails, thumbnails_due",
     ):

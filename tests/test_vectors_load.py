@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import execute, query
+from helpers import add_catalogue, execute, query
 from sketchfab_similarity import similarity, vectors
 from sketchfab_similarity.core import pgcopy
 from sketchfab_similarity.core.db import connect
@@ -209,11 +209,8 @@ def test_bulk_load_rebuilds_the_index_small_loads_keep_it(make_settings):
 def test_similar_models_probes_names_and_thumbnails_through_hash_indexes(make_settings):
     """Its 2k probes by uid are most of a call's cost: one bucket page each, not a btree descent."""
     settings = make_settings()
+    add_catalogue(settings.db_url, 20000)
     for sql in (
-        "INSERT INTO sketchfab_models (uid, name, published_at, raw, viewer_url) "
-        "SELECT lpad(to_hex(i), 32, '0'), 'm', now(), '{}', 'v' FROM generate_series(1, 20000) i",
-        "INSERT INTO model_thumbnails (uid, source_url, status, error) "
-        "SELECT uid, 'https://media.example/' || uid, 'failed', '[permanent] x' FROM sketchfab_models",
         "INSERT INTO model_similarity (uid, rank, similar_uid, score, feature_version) "
         "SELECT lpad(to_hex(u), 32, '0'), r, lpad(to_hex(u + r), 32, '0'), 1.0 / r, 'f' "
         "FROM generate_series(1, 2000) u, generate_series(1, 10) r",
