@@ -87,6 +87,11 @@ REANALYZE_AFTER = 10_000
 for the list as it is now (nested loops over a short list, not hash joins of whole tables)."""
 
 
+def reanalyze_if_many(cur: Any, changed: int) -> None:
+    if changed > REANALYZE_AFTER:
+        cur.execute("ANALYZE thumbnails_due")
+
+
 def settle(cur: Any, judged: list[tuple[str, str]]) -> int:
     """Take models judged to need nothing off the list, each only while its thumbnail list is still
     the one judged (a crawl may have changed it since; its trigger then kept it listed)."""
@@ -110,8 +115,7 @@ def list_all_if_settings_changed(cur: Any, settings: Settings) -> None:
         "INSERT INTO thumbnails_due (uid) SELECT uid FROM sketchfab_models WHERE deleted_at IS NULL "
         "ON CONFLICT DO NOTHING"
     )
-    if cur.rowcount > REANALYZE_AFTER:
-        cur.execute("ANALYZE thumbnails_due")
+    reanalyze_if_many(cur, cur.rowcount)
     set_state_value(cur, PLAN_STATE_KEY, wanted)
 
 
@@ -149,8 +153,7 @@ def plan_downloads(settings: Settings, shard: Shard = WHOLE) -> DownloadPlan:
                     judged.clear()
             changed += settle(cur, judged)
             cur.execute(DROP_GONE, (gone,))
-            if changed + cur.rowcount > REANALYZE_AFTER:
-                cur.execute("ANALYZE thumbnails_due")
+            reanalyze_if_many(cur, changed + cur.rowcount)
     return plan
 
 
